@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_pwdpo.data.packing import pack_ffd, pack_rows
+from megatron_pwdpo.data.packing import PackedLayout, pack_ffd, pack_rows
 from megatron_pwdpo.data.prepare import make_micro_batch
 from megatron_pwdpo.data.sampler import split_micro_batches
 from megatron_pwdpo.data.tokenize import TokenizedRow
@@ -76,6 +76,16 @@ def _rows_of(examples: list[Example]) -> list[TokenizedRow]:
     return list(examples)
 
 
+def packing_options(data) -> dict:
+    """``rank_micro_batches``' packing arguments from a ``DataConfig`` (``data.packing``)."""
+    if data.packing == "none":
+        return {"pack_length": None}
+    return {
+        "pack_length": data.seq_length,
+        "packed_layout": "thd" if data.packing == "thd" else "mask",
+    }
+
+
 def rank_micro_batches(
     examples: list[Example],
     *,
@@ -85,6 +95,7 @@ def rank_micro_batches(
     pad_id: int,
     weights: np.ndarray | None = None,
     pack_length: int | None = None,
+    packed_layout: PackedLayout = "mask",
     fixed_width: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of a global batch of examples.
@@ -96,6 +107,8 @@ def rank_micro_batches(
         weights: ``[G]`` loss weights (zeros when None: evaluation).
         pack_length: pack rows first-fit-decreasing into sequences of this many
             positions (pairs stay within one micro-batch); None = one row per sequence.
+        packed_layout: how packed rows are kept apart (``data.packing.pack_rows``):
+            a block-diagonal ``mask`` (CPU) or ``thd`` boundaries (Transformer Engine).
         fixed_width: pad every unpacked micro-batch to this width (the interleaved
             pipeline schedule exchanges activations of one fixed shape); None = each
             micro-batch to its longest row.
@@ -114,7 +127,7 @@ def rank_micro_batches(
         if pack_length is None:
             batch = make_micro_batch(rows, pad_id=pad_id, width=fixed_width)
         else:
-            batch = pack_rows(rows, seq_length=pack_length, pad_id=pad_id)
+            batch = pack_rows(rows, seq_length=pack_length, pad_id=pad_id, layout=packed_layout)
             batch["num_tokens"] = torch.tensor(sum(r.input_ids.size - 1 for r in rows))
         batch["weight"] = torch.tensor(weights[part], dtype=torch.float32)
         batches.append(batch)

@@ -55,12 +55,14 @@ class DataConfig:
         balance_classes: sample desirable and undesirable rows equally (the minority
             class is repeated; see ``GlobalBatchSampler``).
         seq_length: tokens per sequence (the prompt is left-truncated to fit).
-        packing: ``none`` (one row per sequence, padded to the micro-batch's longest) or
-            ``masked`` (rows packed first-fit-decreasing into sequences of
-            ``seq_length``, with a block-diagonal causal attention mask; RoPE is relative,
-            so each row sees exactly what it would see alone). ``train.micro_batch_size``
-            then counts packed sequences. Needs the local layer spec (CPU); Transformer
-            Engine's attention ignores such masks.
+        packing: ``none`` (one row per sequence, padded to the micro-batch's longest),
+            or rows packed first-fit-decreasing into sequences of ``seq_length`` with
+            attention that never crosses rows (RoPE is relative, so each row sees
+            exactly what it would see alone; ``train.micro_batch_size`` then counts
+            packed sequences): ``masked``, a block-diagonal causal mask, for the local
+            layer spec (CPU; Transformer Engine's attention ignores such masks), or
+            ``thd``, Megatron's ``PackedSeqParams`` with row boundaries (``cu_seqlens``)
+            for Transformer Engine (GPU).
         eval_rows: rows held out from the end of the file for evaluation.
         eval_pairs: hold out whole pairs (both rows of a pair on the same side).
     """
@@ -81,7 +83,7 @@ class DataConfig:
     )
     red_team_normalisation: Literal["minmax", "logistic"] = "minmax"
     balance_classes: bool = False
-    packing: Literal["none", "masked"] = "none"
+    packing: Literal["none", "masked", "thd"] = "none"
 
 
 @dataclass(frozen=True)
@@ -442,9 +444,28 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
         f"data.seq_length ({d.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})",
     )
     _require(
-        d.packing == "none" or not torch.cuda.is_available(),
+        d.packing != "masked" or not torch.cuda.is_available(),
         "data.packing=masked needs the local layer spec (CPU); on GPU Transformer Engine "
-        "ignores the block-diagonal mask: use data.packing=none",
+        "ignores the block-diagonal mask: use data.packing=thd",
+    )
+    _require(
+        d.packing != "thd" or _have_transformer_engine(),
+        "data.packing=thd needs Transformer Engine on GPU (megatron-core's local layer "
+        "spec refuses PackedSeqParams): use data.packing=masked on CPU",
+    )
+    _require(
+        d.packing != "thd" or not p.virtual_pipeline,
+        "data.packing=thd with parallel.virtual_pipeline is not supported (the interleaved "
+        "schedule exchanges activations of one fixed shape): use one of them",
+    )
+    _require(
+        p.logprob_chunk_size >= 0,
+        f"parallel.logprob_chunk_size: must be >= 0, got {p.logprob_chunk_size}",
+    )
+    _require(
+        not (p.logprob_chunk_size and p.sequence_parallel),
+        "parallel.logprob_chunk_size with parallel.sequence_parallel is not supported yet "
+        "(the output layer's input is sharded along the sequence): set one of them",
     )
     _require(
         not p.sequence_parallel or torch.cuda.is_available(),
@@ -492,6 +513,17 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
             f"pipeline_parallel ({p.pipeline_parallel}) micro-batches per step, got "
             f"{micro_batches} (global_batch_size / (micro_batch_size x data-parallel))",
         )
+
+
+def _have_transformer_engine() -> bool:
+    """CUDA and an importable Transformer Engine (what the TE layer spec needs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
 
 
 def _validate_reference(config: RunConfig) -> None:

@@ -77,12 +77,17 @@ class ParallelConfig:
         virtual_pipeline: model chunks per pipeline stage (interleaved 1F1B); ``None``.
         sequence_parallel: shard the activations of norms and dropout over the
             tensor-parallel ranks along the sequence (needs Transformer Engine: GPU).
+        logprob_chunk_size: compute the output layer and the vocab-parallel
+            cross-entropy over chunks of this many sequence positions, each recomputed
+            in the backward pass, so that the ``[s, b, V / tp]`` logits of only one
+            chunk exist at a time (0 = the whole sequence at once).
     """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
+    logprob_chunk_size: int = 0
 
 
 def padded_vocab_size(vocab_size: int, *, multiple: int, tensor_parallel: int) -> int:

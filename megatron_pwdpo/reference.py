@@ -397,7 +397,7 @@ def build_reference(
     as ``ckpt_root/reference``; a resumed one is loaded from there. A ``cache`` is
     checked against this run (see :func:`load_cache_table`).
     """
-    from megatron_pwdpo.batches import rank_micro_batches
+    from megatron_pwdpo.batches import packing_options, rank_micro_batches
 
     mode = config.reference.mode
     if mode == "none":
@@ -411,7 +411,7 @@ def build_reference(
             dp_size=1,
             micro_batch_size=config.train.micro_batch_size,
             pad_id=data.tokenizer.pad_id,
-            pack_length=d.seq_length if d.packing != "none" else None,
+            **packing_options(d),
         )
 
     common = {"rebatch": rebatch, "is_last_stage": is_last_stage}

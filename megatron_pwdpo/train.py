@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from megatron_pwdpo import checkpoint, distributed
-from megatron_pwdpo.batches import Example, global_weights, mismatched, pair_up, rank_micro_batches
+from megatron_pwdpo.batches import (
+    Example,
+    global_weights,
+    mismatched,
+    packing_options,
+    pair_up,
+    rank_micro_batches,
+)
 from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig, dump_yaml, validate
 from megatron_pwdpo.data.prepare import PreparedData, prepare_data
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
@@ -94,7 +101,7 @@ class Runner:
             micro_batch_size=self.config.train.micro_batch_size,
             pad_id=self.data.tokenizer.pad_id,
             weights=weights,
-            pack_length=self.config.data.seq_length if self.config.data.packing != "none" else None,
+            **packing_options(self.config.data),
             # the interleaved schedule exchanges activations of one fixed shape
             fixed_width=self.config.data.seq_length
             if self.config.parallel.virtual_pipeline

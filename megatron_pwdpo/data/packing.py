@@ -9,16 +9,26 @@ the batch::
     segment_ids    0 0 0 0 0 0 0    1 1 1 1 1 1   2 2 2 2   -1 -1    (row's slot in the batch)
     position_ids   0 1 2 3 4 5 6    0 1 2 3 4 5   0 1 2 3    0  0    (reset per row)
 
-``attention_mask`` is ``[b, 1, s, s]`` bool with **True = masked** (Megatron's
-convention): position ``i`` sees position ``j`` iff both belong to the same row and
-``j <= i``; a padding position sees only itself (so no softmax row is empty). Per-row
-log-prob sums are ``scatter_add`` of token log-probs over ``segment_ids`` (padding, -1,
-excluded), one vectorised op. ``cu_seqlens`` gives the same layout for THD kernels.
+Attention never crosses rows, in one of two layouts:
+
+* ``mask`` (CPU, megatron-core's local layer spec): ``attention_mask`` is ``[b, 1, s, s]``
+  bool with **True = masked** (Megatron's convention): position ``i`` sees position
+  ``j`` iff both belong to the same row and ``j <= i``; a padding position sees only
+  itself (so no softmax row is empty).
+* ``thd`` (GPU, Transformer Engine): ``cu_seqlens`` ``[k+1]`` int32, the boundaries of
+  every row and padding run in the flattened ``[b * s]`` batch, and ``max_seqlen``; the
+  model runs the batch as one ``[1, b * s]`` sequence with Megatron's
+  ``PackedSeqParams(qkv_format="thd")`` (see ``logprobs.packed_seq_params``), and RoPE
+  restarts at every boundary, as ``position_ids`` do.
+
+Per-row log-prob sums are ``scatter_add`` of token log-probs over ``segment_ids``
+(padding, -1, excluded), one vectorised op.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -84,8 +94,15 @@ def cu_seqlens_of(segment_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, torch.tensor([b * s])]).to(torch.int32)
 
 
+PackedLayout = Literal["mask", "thd"]
+
+
 def pack_rows(
-    rows: Sequence[TokenizedRow], *, seq_length: int, pad_id: int
+    rows: Sequence[TokenizedRow],
+    *,
+    seq_length: int,
+    pad_id: int,
+    layout: PackedLayout = "mask",
 ) -> dict[str, torch.Tensor]:
     """Packs rows (`pack_ffd`) into a batch of ``b`` sequences of ``seq_length``.
 
@@ -93,9 +110,10 @@ def pack_rows(
         ``tokens``, ``target_ids`` [b, s] int64 (pad: ``pad_id``), ``loss_mask`` [b, s]
         float32 (1 on response targets, eos included), ``position_ids`` [b, s] int64
         (reset at each row), ``segment_ids`` [b, s] int64 (the row's index in ``rows``,
-        -1 on padding), ``attention_mask`` [b, 1, s, s] bool (True = masked),
-        ``cu_seqlens`` [k+1] int32, and per row (in ``rows`` order): ``label`` [n]
-        float32, ``is_demo`` [n] bool, ``row_index`` [n] int64.
+        -1 on padding); for ``layout="mask"`` ``attention_mask`` [b, 1, s, s] bool (True
+        = masked), for ``layout="thd"`` ``cu_seqlens`` [k+1] int32 and ``max_seqlen`` (a
+        0-d int64); and per row (in ``rows`` order): ``label`` [n] float32, ``is_demo``
+        [n] bool, ``row_index`` [n] int64.
 
     Raises:
         ValueError: no rows, or a row longer than ``seq_length + 1`` tokens.
@@ -121,14 +139,21 @@ def pack_rows(
             segments[k, at : at + n] = j
             at += n
     segment_ids = torch.from_numpy(segments)
+    if layout == "mask":
+        attention = {"attention_mask": block_causal_mask(segment_ids)}
+    elif layout == "thd":
+        cu_seqlens = cu_seqlens_of(segment_ids)
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        attention = {"cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(longest)}
+    else:
+        raise ValueError(f"unknown packed layout {layout!r} (mask or thd)")
     return {
         "tokens": torch.from_numpy(tokens),
         "target_ids": torch.from_numpy(targets),
         "loss_mask": torch.from_numpy(loss_mask),
         "position_ids": torch.from_numpy(positions),
         "segment_ids": segment_ids,
-        "attention_mask": block_causal_mask(segment_ids),
-        "cu_seqlens": cu_seqlens_of(segment_ids),
+        **attention,
         "label": torch.tensor([r.label for r in rows], dtype=torch.float32),
         "is_demo": torch.tensor([r.is_demo for r in rows], dtype=torch.bool),
         "row_index": torch.tensor([r.row_index for r in rows], dtype=torch.int64),

@@ -56,7 +56,20 @@ def test_parse_overrides():
             "parallel.sequence_parallel needs Transformer Engine on GPU",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal"),
         ),
-        (["data.packing=thd"], "data.packing: 'thd' is not one of"),
+        (["data.packing=bshd"], "data.packing: 'bshd' is not one of"),
+        pytest.param(
+            ["data.packing=thd"],
+            "data.packing=thd needs Transformer Engine on GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal"),
+        ),
+        pytest.param(
+            ["data.packing=masked"],
+            "data.packing=masked needs the local layer spec (CPU)",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="a GPU-only refusal (masked is CPU's)"
+            ),
+        ),
+        (["parallel.logprob_chunk_size=-1"], "parallel.logprob_chunk_size: must be >= 0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, message):

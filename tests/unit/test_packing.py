@@ -49,7 +49,34 @@ def test_mask_is_block_diagonal_and_causal():
         real = (seg[k] >= 0)[:, None]
         assert torch.equal(visible & real, same & (j <= i) & real)  # all of its own past
         assert visible.any(dim=1).all()  # padding still sees itself
-    assert batch["cu_seqlens"][-1] == b * s and batch["cu_seqlens"].dtype == torch.int32
+    assert "cu_seqlens" not in batch
+
+
+def test_thd_layout_bounds_every_row_and_padding_run():
+    rows = _rows([9, 4, 7, 3, 12, 5, 2])
+    thd = pack_rows(rows, seq_length=16, pad_id=0, layout="thd")
+    masked = pack_rows(rows, seq_length=16, pad_id=0)
+    assert "attention_mask" not in thd
+    for key in ("tokens", "target_ids", "loss_mask", "position_ids", "segment_ids"):
+        assert torch.equal(thd[key], masked[key])
+    cu = thd["cu_seqlens"]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == thd["tokens"].numel()
+    # every run [cu_k, cu_k+1) of the flattened batch is one row or one padding tail,
+    # and RoPE positions restart at each run exactly as position_ids do
+    flat_seg = thd["segment_ids"].flatten()
+    flat_pos = thd["position_ids"].flatten()
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert int(thd["max_seqlen"]) == max(lengths)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        run = flat_seg[start:end]
+        assert (run == run[0]).all()
+        if run[0] >= 0:
+            assert flat_pos[start:end].tolist() == list(range(end - start))
+            assert end - start == rows[int(run[0])].input_ids.size - 1
+    real_runs = sum(int(flat_seg[a] >= 0) for a in cu[:-1].tolist())
+    assert real_runs == len(rows)
+    with pytest.raises(ValueError, match="packed layout"):
+        pack_rows(rows, seq_length=16, pad_id=0, layout="bshd")
 
 
 def test_packed_rows_match_their_unpacked_batch():
