@@ -28,6 +28,11 @@ from megatron_pwdpo.data.tokenize import TokenizedRow
 Pair = tuple[TokenizedRow, TokenizedRow]
 Example = TokenizedRow | Pair
 
+# packed THD micro-batches run as one [1, b * s] sequence on Transformer Engine: a
+# multiple of 16 positions per sequence keeps b * s a multiple of 16, as the padded
+# batches' widths are (FP8 GEMMs and sequence-parallel splits want aligned token counts)
+THD_WIDTH_MULTIPLE = 16
+
 
 def pair_up(rows: list[TokenizedRow]) -> list[Pair]:
     """Chosen/rejected pairs from paired point-wise rows (ids ``<pair>-c`` / ``<pair>-r``).
@@ -105,14 +110,30 @@ def rank_micro_batches(
         micro_batch_size: examples per micro-batch; with packing, sequences of
             ``pack_length`` per micro-batch.
         weights: ``[G]`` loss weights (zeros when None: evaluation).
-        pack_length: pack rows first-fit-decreasing into sequences of this many
+        pack_length: pack rows first-fit-decreasing into sequences of at most this many
             positions (pairs stay within one micro-batch); None = one row per sequence.
+            Each micro-batch's sequences are as narrow as its rows allow without
+            needing more of them (``pack_rows(shrink_width=True)``; for ``thd`` a
+            multiple of `THD_WIDTH_MULTIPLE`), unless ``fixed_width`` is set.
         packed_layout: how packed rows are kept apart (``data.packing.pack_rows``):
             a block-diagonal ``mask`` (CPU) or ``thd`` boundaries (Transformer Engine).
-        fixed_width: pad every unpacked micro-batch to this width (the interleaved
+        fixed_width: pad every unpacked micro-batch to this width, and keep packed
+            sequences ``pack_length`` wide, which must then equal it (the interleaved
             pipeline schedule exchanges activations of one fixed shape); None = each
-            micro-batch to its longest row.
+            micro-batch to its longest row, or packed into its balanced width.
+
+    Returns:
+        One batch dict per micro-batch (see `make_micro_batch` / `pack_rows`), with
+        ``weight`` ``[n]`` float32 (one per example) and ``num_tokens`` (0-d).
+
+    Raises:
+        ValueError: ``fixed_width`` and ``pack_length`` both set and different.
     """
+    if pack_length is not None and fixed_width is not None and fixed_width != pack_length:
+        raise ValueError(
+            f"fixed_width ({fixed_width}) must equal pack_length ({pack_length}): packed "
+            "sequences are pack_length wide"
+        )
     weights = np.zeros(len(examples)) if weights is None else weights
     # equal blocks for training (validated divisible); the last ranks get one fewer
     # example when an evaluation set does not divide
@@ -127,24 +148,59 @@ def rank_micro_batches(
         if pack_length is None:
             batch = make_micro_batch(rows, pad_id=pad_id, width=fixed_width)
         else:
-            batch = pack_rows(rows, seq_length=pack_length, pad_id=pad_id, layout=packed_layout)
+            batch = pack_rows(
+                rows,
+                seq_length=pack_length,
+                pad_id=pad_id,
+                layout=packed_layout,
+                shrink_width=fixed_width is None,
+                width_multiple=THD_WIDTH_MULTIPLE if packed_layout == "thd" else 1,
+            )
             batch["num_tokens"] = torch.tensor(sum(r.input_ids.size - 1 for r in rows))
         batch["weight"] = torch.tensor(weights[part], dtype=torch.float32)
         batches.append(batch)
     return batches
 
 
-def _packed_parts(examples, positions, sequences_per_batch: int, pack_length: int):
-    """Group a rank's examples so that each group packs into about ``sequences_per_batch``
-    sequences: first-fit-decreasing over examples (a pair counts as its two rows; one
-    longer than a sequence takes a sequence of its own and spills into a second)."""
+def _sequences_needed(examples, part: np.ndarray, pack_length: int) -> int:
+    """How many sequences `pack_rows` packs the examples at ``part`` into (same rows,
+    same order, so the same first-fit-decreasing)."""
+    rows = _rows_of([examples[i] for i in part])
+    return len(pack_ffd([r.input_ids.size - 1 for r in rows], seq_length=pack_length))
+
+
+def _packed_parts(
+    examples, positions: np.ndarray, sequences_per_batch: int, pack_length: int
+) -> list[np.ndarray]:
+    """Group a rank's examples (``positions`` into ``examples``) into micro-batches whose
+    rows pack into at most ``sequences_per_batch`` sequences of ``pack_length``.
+
+    First-fit-decreasing over examples (a pair counts as its two rows; one longer than a
+    sequence takes a sequence of its own), then consecutive example-bins join a group
+    while `pack_rows`' own FFD over the group's rows still needs at most
+    ``sequences_per_batch`` sequences. For single rows that is exactly
+    ``sequences_per_batch`` bins a group (FFD restricted to some of its bins rebuilds
+    them), but the rows of pairs can re-pack into more sequences than the pairs' bins
+    (sizes 15 | 10 + 5 | 10 + 5 of pairs (9, 6), (6, 4), (1, 4), (6, 4), (4, 1) in
+    sequences of 15: their rows need 4); a group of one bin may still need more (a pair
+    longer than a sequence: two).
+
+    Returns:
+        Sorted ``positions`` entries, one array per micro-batch; deterministic.
+    """
     sizes = [
         min(pack_length, sum(r.input_ids.size - 1 for r in _rows_of([examples[i]])))
         for i in positions
     ]
-    bins = pack_ffd(sizes, seq_length=pack_length)
-    groups = []
-    for j in range(0, len(bins), sequences_per_batch):
-        members = [i for b in bins[j : j + sequences_per_batch] for i in b]
-        groups.append(np.sort(positions[members]))
+    groups: list[np.ndarray] = []
+    current: list[int] = []
+    for members in pack_ffd(sizes, seq_length=pack_length):
+        grown = np.sort(positions[current + members])
+        if current and _sequences_needed(examples, grown, pack_length) > sequences_per_batch:
+            groups.append(np.sort(positions[current]))
+            current = list(members)
+        else:
+            current += members
+    if current:
+        groups.append(np.sort(positions[current]))
     return groups

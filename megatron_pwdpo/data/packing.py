@@ -1,4 +1,4 @@
-"""Sequence packing: several tokenised rows in one fixed-length sequence.
+"""Sequence packing: several tokenised rows per sequence of a batch.
 
 A row of ``L`` tokens (``input_ids``) occupies ``L - 1`` positions (the model reads
 ``input_ids[:-1]`` and predicts ``input_ids[1:]``, as in `collate`). `pack_ffd` places
@@ -20,6 +20,16 @@ Attention never crosses rows, in one of two layouts:
   model runs the batch as one ``[1, b * s]`` sequence with Megatron's
   ``PackedSeqParams(qkv_format="thd")`` (see ``logprobs.packed_seq_params``), and RoPE
   restarts at every boundary, as ``position_ids`` do.
+
+With ``shrink_width`` the sequences are narrower than ``seq_length`` when the rows allow
+it (`balanced_width`): FFD needs ``k`` sequences of ``seq_length``; the batch is packed
+into the narrowest width at which FFD still needs no more than ``k``, which removes the
+padding tail the sequences would otherwise share (rows a, b, c, d of 7, 6, 5, 2
+positions, ``seq_length=16``; ``.`` is padding)::
+
+    width 16: 2 sequences, 32 positions, 12 padding    width 11: 2 sequences, 22, 2 padding
+    a a a a a a a b b b b b b d d .                    a a a a a a a d d . .
+    c c c c c . . . . . . . . . . .                    b b b b b b c c c c c
 
 Per-row log-prob sums are ``scatter_add`` of token log-probs over ``segment_ids``
 (padding, -1, excluded), one vectorised op.
@@ -71,6 +81,50 @@ def pack_ffd(lengths: Sequence[int], *, seq_length: int) -> list[list[int]]:
     return bins
 
 
+def balanced_width(lengths: Sequence[int], *, seq_length: int, multiple: int = 1) -> int:
+    """The narrowest width at which `pack_ffd` packs ``lengths`` into as few sequences as
+    at ``seq_length``.
+
+    FFD at ``seq_length`` needs ``k`` sequences; a binary search over the widths ``W`` in
+    ``[max(longest row, ceil(total / k)), seq_length]`` (multiples of ``multiple``, and
+    ``seq_length`` itself) finds the smallest at which FFD needs at most ``k``. FFD's
+    sequence count is not monotone in the width for every input, so in such a case the
+    result is a width at which FFD needs at most ``k`` sequences whose next smaller
+    candidate needs more; never wider than ``seq_length``, so a batch packed into it
+    never has more positions (``k * W``) than one packed into ``seq_length``.
+
+    Args:
+        lengths: positions each row needs (``input_ids.size - 1``), at least one.
+        seq_length: the widest sequence allowed.
+        multiple: the width is a multiple of this (or ``seq_length`` itself).
+
+    Returns:
+        The width ``W <= seq_length``; deterministic (a function of ``lengths`` and the
+        arguments only).
+
+    Raises:
+        ValueError: no lengths, ``multiple < 1``, or a row that `pack_ffd` refuses.
+    """
+    if len(lengths) == 0:
+        raise ValueError("balanced_width needs at least one row length")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    k = len(pack_ffd(lengths, seq_length=seq_length))
+    lower = max(max(lengths), -(-sum(lengths) // k))
+
+    def width(j: int) -> int:  # candidate j; past the last multiple: seq_length itself
+        return min(j * multiple, seq_length)
+
+    lo, hi = -(-lower // multiple), seq_length // multiple + 1  # width(hi) == seq_length
+    while lo < hi:  # invariant: FFD fits into k sequences of width(hi)
+        mid = (lo + hi) // 2
+        if len(pack_ffd(lengths, seq_length=width(mid))) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return width(hi)
+
+
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """``[b, 1, s, s]`` bool, True = masked: same row and not in the future (pad: itself)."""
     s = segment_ids.shape[1]
@@ -103,8 +157,20 @@ def pack_rows(
     seq_length: int,
     pad_id: int,
     layout: PackedLayout = "mask",
+    shrink_width: bool = False,
+    width_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Packs rows (`pack_ffd`) into a batch of ``b`` sequences of ``seq_length``.
+    """Packs rows (`pack_ffd`) into a batch of ``b`` sequences of ``s`` positions.
+
+    Args:
+        rows: the rows; their order is kept in the per-row outputs and ``segment_ids``.
+        seq_length: the sequences' width ``s`` (the widest allowed with ``shrink_width``).
+        pad_id: the token id of padding positions.
+        layout: ``mask`` (block-diagonal ``attention_mask``) or ``thd`` (``cu_seqlens``).
+        shrink_width: pack into ``s = balanced_width(...) <= seq_length`` instead: as
+            many sequences as FFD needs at ``seq_length``, each row's content the same.
+        width_multiple: with ``shrink_width``, ``s`` is a multiple of this (or
+            ``seq_length``).
 
     Returns:
         ``tokens``, ``target_ids`` [b, s] int64 (pad: ``pad_id``), ``loss_mask`` [b, s]
@@ -120,8 +186,12 @@ def pack_rows(
     """
     if not rows:
         raise ValueError("pack_rows needs at least one row")
-    bins = pack_ffd([r.input_ids.size - 1 for r in rows], seq_length=seq_length)
-    b, s = len(bins), seq_length
+    lengths = [r.input_ids.size - 1 for r in rows]
+    s = seq_length
+    if shrink_width:
+        s = balanced_width(lengths, seq_length=seq_length, multiple=width_multiple)
+    bins = pack_ffd(lengths, seq_length=s)
+    b = len(bins)
     tokens = np.full((b, s), pad_id, dtype=np.int64)
     targets = np.full((b, s), pad_id, dtype=np.int64)
     loss_mask = np.zeros((b, s), dtype=np.float32)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_pwdpo.batches import global_weights, mismatched, pair_up, rank_micro_batches
+from megatron_pwdpo.data.packing import pack_ffd
 from megatron_pwdpo.data.tokenize import TokenizedRow
 from megatron_pwdpo.kto import kto_reference_point
 
@@ -67,3 +68,59 @@ def test_kto_reference_point_is_mean_ratio_clamped_and_detached():
     kl = kto_reference_point(pol, ref, dp_group=None)
     assert kl.item() == pytest.approx(0.5) and not kl.requires_grad
     assert kto_reference_point(ref, pol, dp_group=None).item() == 0.0
+
+
+def _sized(i: int, positions: int, label: float = 1.0, rid=None) -> TokenizedRow:
+    """A row of ``positions`` positions (``positions + 1`` tokens, prompt of 1)."""
+    ids = np.arange(10, 11 + positions, dtype=np.int64)
+    return TokenizedRow(i, ids, 1, label, False, rid or f"r{i}")
+
+
+def test_packed_micro_batches_shrink_unless_the_width_is_fixed():
+    # 7, 6, 5, 2 positions: FFD into 16 needs 2 sequences, which also fit into 11
+    rows = [_sized(i, n) for i, n in enumerate([7, 6, 5, 2])]
+    kw = dict(dp_rank=0, dp_size=1, micro_batch_size=2, pad_id=0, pack_length=16)
+    (shrunk,) = rank_micro_batches(rows, **kw)
+    (fixed,) = rank_micro_batches(rows, fixed_width=16, **kw)  # interleaved pipelining
+    assert shrunk["tokens"].shape == (2, 11) and fixed["tokens"].shape == (2, 16)
+    assert shrunk["attention_mask"].shape == (2, 1, 11, 11)
+    assert int(shrunk["num_tokens"]) == int(fixed["num_tokens"]) == 20
+    for j in range(4):  # each row's positions hold the same tokens and loss mask
+        a, b = fixed["segment_ids"] == j, shrunk["segment_ids"] == j
+        assert shrunk["tokens"][b].tolist() == fixed["tokens"][a].tolist()
+        assert shrunk["loss_mask"][b].tolist() == fixed["loss_mask"][a].tolist()
+    (thd,) = rank_micro_batches(rows, packed_layout="thd", **kw)
+    assert thd["tokens"].shape == (2, 16)  # THD widths are multiples of 16
+    assert thd["cu_seqlens"][-1] == thd["tokens"].numel()
+    with pytest.raises(ValueError, match="must equal pack_length"):
+        rank_micro_batches(rows, fixed_width=32, **kw)
+
+
+def test_packed_pairs_never_need_more_sequences_than_the_micro_batch_size():
+    # pairs (chosen, rejected) of (9, 6), (6, 4), (1, 4), (6, 4), (4, 1) positions in
+    # sequences of 15: FFD over pair sizes gives 3 bins, 15 | 10 + 5 | 10 + 5, but FFD
+    # over their rows needs 4 sequences: [9, 6], [6, 6, 1, 1], [4, 4, 4], [4]
+    sizes = [(9, 6), (6, 4), (1, 4), (6, 4), (4, 1)]
+    pairs = [
+        (_sized(2 * k, c, 1.0, f"p{k}-c"), _sized(2 * k + 1, r, 0.0, f"p{k}-r"))
+        for k, (c, r) in enumerate(sizes)
+    ]
+    batches = rank_micro_batches(
+        pairs, dp_rank=0, dp_size=1, micro_batch_size=3, pad_id=0, pack_length=15
+    )
+    assert len(pack_ffd([9, 6, 1, 6, 4, 6, 4, 4, 4, 1], seq_length=15)) == 4
+    # pairs 0-2 pack into 2 sequences, adding pairs 3 and 4 would need 4: two micro-batches
+    assert [b["tokens"].shape[0] for b in batches] == [2, 1]
+    assert [len(b["weight"]) for b in batches] == [3, 2]
+    seen = sorted(int(i) for b in batches for i in b["row_index"])
+    assert seen == list(range(10))  # every row once, each pair within one micro-batch
+    for b in batches:
+        n = len(b["weight"])
+        chosen, rejected = b["row_index"][:n], b["row_index"][n:]
+        assert (rejected == chosen + 1).all()
+    # point-wise rows: groups of exactly micro_batch_size FFD bins, as before
+    rows = [_sized(i, n) for i, n in enumerate([9, 9, 8, 7, 6, 6, 5, 4, 3, 2, 2, 1])]
+    batches = rank_micro_batches(
+        rows, dp_rank=0, dp_size=1, micro_batch_size=2, pad_id=0, pack_length=10
+    )
+    assert [b["tokens"].shape[0] for b in batches] == [2, 2, 2, 1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pwdpo.data.packing import block_causal_mask, pack_ffd, pack_rows
+from megatron_pwdpo.data.packing import balanced_width, block_causal_mask, pack_ffd, pack_rows
 from megatron_pwdpo.data.tokenize import TokenizedRow, collate
 
 
@@ -112,3 +112,92 @@ def test_block_causal_mask_small_example():
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool
     )
     assert torch.equal(visible, expected)
+
+
+def test_balanced_width_hand_worked():
+    # FFD at 16: [7, 6, 2 | pad 1], [5 | pad 11] -> 2 sequences, 12 of 32 positions padding.
+    # Lower bound max(7, ceil(20 / 2)) = 10; at 10, 7 and 6 take a sequence each (3 and 4
+    # left) and the 5 opens a third; at 11: [7, 2 | pad 2], [6, 5] -> 2 sequences, 2 of
+    # 22 positions padding.
+    lengths = [7, 6, 5, 2]
+    assert pack_ffd(lengths, seq_length=16) == [[0, 1, 3], [2]]
+    assert len(pack_ffd(lengths, seq_length=10)) == 3
+    assert balanced_width(lengths, seq_length=16) == 11
+    assert pack_ffd(lengths, seq_length=11) == [[0, 3], [1, 2]]
+    assert balanced_width(lengths, seq_length=16, multiple=4) == 12
+    assert balanced_width(lengths, seq_length=16, multiple=16) == 16
+    # a perfect fit: [7, 2, 1] and [6, 4] in 10 (the lower bound ceil(20 / 2))
+    assert balanced_width([7, 6, 4, 2, 1], seq_length=16) == 10
+    # no multiple of 8 in [18, 18]: seq_length itself
+    assert balanced_width([9, 9], seq_length=18, multiple=8) == 18
+    with pytest.raises(ValueError, match="at least one"):
+        balanced_width([], seq_length=16)
+    with pytest.raises(ValueError, match="multiple"):
+        balanced_width([3], seq_length=16, multiple=0)
+
+
+def test_balanced_width_keeps_the_sequence_count_and_never_adds_padding():
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        seq_length = int(rng.integers(8, 300))
+        lengths = rng.integers(1, seq_length + 1, size=int(rng.integers(1, 40))).tolist()
+        multiple = [1, 1, 8, 16][trial % 4]
+        k = len(pack_ffd(lengths, seq_length=seq_length))
+        width = balanced_width(lengths, seq_length=seq_length, multiple=multiple)
+        assert max(lengths) <= width <= seq_length
+        assert width == seq_length or width % multiple == 0
+        bins = pack_ffd(lengths, seq_length=width)
+        assert len(bins) <= k
+        assert len(bins) * width <= k * seq_length  # padding fraction never increases
+        assert width == balanced_width(lengths, seq_length=seq_length, multiple=multiple)
+        # the next narrower candidate needs more sequences (or is below the lower bound)
+        narrower = width - multiple if width % multiple == 0 else width // multiple * multiple
+        lower = max(max(lengths), -(-sum(lengths) // k))
+        if narrower >= lower:
+            assert len(pack_ffd(lengths, seq_length=narrower)) > k
+
+
+@pytest.mark.parametrize("layout", ["mask", "thd"])
+def test_shrunk_pack_has_the_same_rows_in_the_same_sequence_count(layout):
+    rows = _rows([40, 33, 31, 25, 17, 12, 9, 6, 3], seed=5)  # 39, 32, ... 2: 167 positions
+    full = pack_rows(rows, seq_length=64, pad_id=0, layout=layout)
+    shrunk = pack_rows(rows, seq_length=64, pad_id=0, layout=layout, shrink_width=True)
+    lengths = [r.input_ids.size - 1 for r in rows]
+    width = balanced_width(lengths, seq_length=64)
+    b = full["tokens"].shape[0]
+    # FFD at 64: [39, 24], [32, 30, 2], [16, 11, 8, 5] (25 padding); at the lower bound
+    # ceil(167 / 3) = 56: [39, 16], [32, 24], [30, 11, 8, 5, 2] (1 padding)
+    assert b == 3 and width == 56
+    assert shrunk["tokens"].shape == (b, width)
+    for key in ("target_ids", "loss_mask", "position_ids", "segment_ids"):
+        assert shrunk[key].shape == (b, width)
+    real = sum(lengths)
+    assert int((shrunk["segment_ids"] >= 0).sum()) == real
+    assert 1 - real / shrunk["tokens"].numel() < 1 - real / full["tokens"].numel()
+    for j, n in enumerate(lengths):  # per row: the same tokens, targets, mask, positions
+        a, c = full["segment_ids"] == j, shrunk["segment_ids"] == j
+        assert int(c.sum()) == n
+        for key in ("tokens", "target_ids", "loss_mask", "position_ids"):
+            assert shrunk[key][c].tolist() == full[key][a].tolist(), key
+    for key in ("label", "is_demo", "row_index"):
+        assert torch.equal(shrunk[key], full[key])
+    if layout == "mask":
+        assert shrunk["attention_mask"].shape == (b, 1, width, width)
+        assert torch.equal(shrunk["attention_mask"], block_causal_mask(shrunk["segment_ids"]))
+    else:  # the boundaries cover the flattened [b * width] batch
+        cu = shrunk["cu_seqlens"]
+        assert cu[0] == 0 and cu[-1] == b * width
+        flat_seg = shrunk["segment_ids"].flatten()
+        flat_pos = shrunk["position_ids"].flatten()
+        runs = 0
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            run = flat_seg[start:end]
+            assert (run == run[0]).all()
+            if run[0] >= 0:
+                runs += 1
+                assert end - start == lengths[int(run[0])]
+                assert flat_pos[start:end].tolist() == list(range(end - start))
+        assert runs == len(rows)
+        assert int(shrunk["max_seqlen"]) == int((cu[1:] - cu[:-1]).max())
+    multiple = pack_rows(rows, seq_length=64, pad_id=0, shrink_width=True, width_multiple=12)
+    assert multiple["tokens"].shape == (3, 60)
