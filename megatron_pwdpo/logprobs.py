@@ -6,6 +6,11 @@ cross-entropy ``[b, s]`` (three all-reduces of ``[s, b]`` scalars inside
 ``tensor_parallel.vocab_parallel_cross_entropy``), so the log-probability of each next
 token is simply its negative: the full ``[b, s, V]`` logits never exist on one rank.
 
+Packed rows reach the model in one of two layouts (``data.packing``): a block-diagonal
+``attention_mask`` (CPU), or Megatron's ``PackedSeqParams(qkv_format="thd")`` for
+Transformer Engine, with which the ``[b, s]`` batch runs as one ``[1, b * s]`` sequence
+whose rows are delimited by ``cu_seqlens`` (:func:`packed_seq_params`).
+
 Per-sample reductions then run over the response mask (``loss_mask``, 1 on response
 targets, 0 on prompt and padding) and, for packed sequences, over segment ids, each in
 one vectorised op.
@@ -26,6 +31,7 @@ def model_token_logps(
     position_ids: torch.Tensor,
     target_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    packed_seq_params=None,
 ) -> torch.Tensor:
     """Per-token log-probs of ``target_ids`` under ``model`` (last pipeline stage).
 
@@ -37,14 +43,40 @@ def model_token_logps(
         target_ids: next-token ids ``[b, s]`` (any valid id where masked).
         attention_mask: ``None`` for causal attention, or a boolean ``[b, 1, s, s]`` mask
             with True where attention is *not* allowed (packed rows).
+        packed_seq_params: ``PackedSeqParams`` of a THD-packed batch
+            (:func:`packed_seq_params`; then ``attention_mask`` is None): the batch runs
+            as one ``[1, b * s]`` sequence.
 
     Returns:
         ``[b, s]`` float32 log pi(target_t | tokens_<=t) on the last stage.
     """
-    out = model(tokens, position_ids, attention_mask, labels=target_ids)
+    if packed_seq_params is None:
+        out = model(tokens, position_ids, attention_mask, labels=target_ids)
+    else:
+        flat = (tokens.reshape(1, -1), position_ids.reshape(1, -1), None)
+        out = model(*flat, labels=target_ids.reshape(1, -1), packed_seq_params=packed_seq_params)
     if not _is_output_stage(model):
         return out  # hidden states for the next pipeline stage: pass them on untouched
-    return -out.float()
+    return -out.float().view(tokens.shape)
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
+    """Megatron's THD ``PackedSeqParams`` for self-attention over packed rows.
+
+    Args:
+        cu_seqlens: ``[k+1]`` int32 boundaries of the rows (and padding runs) of the
+            flattened ``[b * s]`` batch, on the model's device.
+        max_seqlen: the longest run (a Python int: no device sync).
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
 
 
 def _is_output_stage(model: torch.nn.Module) -> bool:

@@ -195,10 +195,12 @@ def build_model(
     Engine layer spec (CUDA).
 
     Returns:
-        ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
-        per-token vocab-parallel cross-entropy ``[b, s]`` (no vocabulary gather).
+        a ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
+        per-token vocab-parallel cross-entropy ``[b, s]`` (no vocabulary gather), over
+        chunks of ``parallel.logprob_chunk_size`` positions when that is set
+        (:class:`megatron_pwdpo.chunked_gpt.ChunkedLogitsGPTModel`).
     """
-    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron_pwdpo.chunked_gpt import ChunkedLogitsGPTModel
 
     use_cuda = torch.cuda.is_available()
     config = transformer_config(
@@ -206,7 +208,8 @@ def build_model(
     )
     if config.fp8 and not (use_cuda and _have_te()):
         raise RuntimeError("precision.fp8 needs CUDA and Transformer Engine (the TE layer spec)")
-    gpt = GPTModel(
+    gpt = ChunkedLogitsGPTModel(
+        logprob_chunk_size=parallel.logprob_chunk_size,
         config=config,
         transformer_layer_spec=layer_spec(use_te=use_cuda and _have_te()),
         vocab_size=padded_vocab_size(

@@ -28,7 +28,12 @@ import torch.distributed as dist
 
 from megatron_pwdpo import losses
 from megatron_pwdpo.config import LossConfig
-from megatron_pwdpo.logprobs import model_token_logps, segment_logps, sequence_logps
+from megatron_pwdpo.logprobs import (
+    model_token_logps,
+    packed_seq_params,
+    segment_logps,
+    sequence_logps,
+)
 
 Batch = dict[str, torch.Tensor]
 Objective = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -147,13 +152,18 @@ def to_model_device(batch: Batch, model: torch.nn.Module) -> Batch:
 
 def _next_through_model(data_iterator: Iterator[Batch], model: torch.nn.Module):
     """The next micro-batch on the model's device, and the chunk's output for it."""
-    batch = to_model_device(next(data_iterator), model)
+    host = next(data_iterator)
+    batch = to_model_device(host, model)
+    thd = None
+    if "cu_seqlens" in batch:  # THD-packed rows (Transformer Engine)
+        thd = packed_seq_params(batch["cu_seqlens"], int(host["max_seqlen"]))
     output = model_token_logps(
         model,
         batch["tokens"],
         batch["position_ids"],
         batch["target_ids"],
-        batch.get("attention_mask"),  # block-diagonal for packed rows, else causal
+        batch.get("attention_mask"),  # block-diagonal for mask-packed rows, else causal
+        packed_seq_params=thd,
     )
     return batch, output
 
