@@ -3,6 +3,7 @@ and this rank's place in the parallel layout."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -146,19 +147,82 @@ def build_optimizer(chunks: list[torch.nn.Module], t, *, lr: float, steps: int):
     return optimizer, scheduler
 
 
+def _stock_step_module():
+    """``megatron.core.optimizer.optimizer``, looked up at call time: its module-level
+    ``clip_grad_by_total_norm_fp32`` is what the stock ``step()`` calls, and what the CPU
+    bridge replaces there."""
+    return importlib.import_module("megatron.core.optimizer.optimizer")
+
+
+@torch.no_grad()
 def optimizer_step(optimizer, *, loss_is_finite: bool) -> tuple[bool, float]:
     """Update unless the loss or the global gradient norm is not finite.
 
     Megatron's fp32 path would otherwise apply NaN gradients (its found-inf check is
-    the fp16 loss scaler's). ``prepare_grads`` and the norm are computed once here to
-    decide; ``optimizer.step()`` repeats them (idempotent) and clips and updates.
+    the fp16 loss scaler's), so the decision needs the norm before the update. This is
+    Megatron's own ``step()`` taken apart so nothing is computed twice:
+
+    1. ``prepare_grads()`` once (fp32: ``param.grad = param.main_grad``; bf16 and the
+       distributed optimizer: copy the model grads into the fp32 main grads);
+    2. ``get_grad_norm()`` once: one scalar, the L2 norm over every main gradient
+       (tensor-parallel duplicates and shared weights counted once), all-reduced over
+       the optimizer's grad-stats group, returned as a Python float;
+    3. if the loss, the norm or prepare_grads' found-inf flag says non-finite: return
+       before clipping, leaving the weights and the Adam state untouched;
+    4. otherwise clip every sub-optimizer whose ``config.clip_grad > 0`` with that same
+       norm (factor ``clip_grad / (norm + 1e-6)`` when below 1), through the
+       ``clip_grad_by_total_norm_fp32`` that ``megatron.core.optimizer.optimizer``
+       holds, so on CPU it is the bridge's (:mod:`megatron_pwdpo.cpu_bridge`);
+    5. ``step_with_ready_grads()``: the inner Adam step, the copy back to bf16 model
+       weights, the distributed optimizer's parameter all-gather.
+
+    This is what ``ChainedOptimizer.step()`` does (``get_megatron_optimizer`` returns
+    one, over a single ``FP32Optimizer`` on CPU and a ``DistributedOptimizer`` on GPU),
+    and what ``FP32Optimizer.step()`` / ``MixedPrecisionOptimizer.step()`` do for a bare
+    optimizer: the same calls with the same arguments in the same order, so the update
+    is the same to the bit (``tests/unit/test_optimizer_step.py`` checks it against
+    ``step()`` on CPU, fp32; the bf16 and distributed-optimizer paths share these calls
+    but are not compared on a GPU there). Left out: ``count_zeros`` (only with
+    ``log_num_zeros_in_grad``, which build_optimizer leaves off) and the optional
+    timers. An optimizer class that overrides ``step()`` with anything else is refused
+    (``TypeError``) rather than silently stepped differently.
 
     Returns:
-        ``(updated, grad_norm)``.
+        ``(updated, grad_norm)``: whether the weights were updated, and the global
+        gradient norm before clipping (also when the step is skipped; then it may be
+        NaN or inf). ``ChainedOptimizer.step()`` returns the same norm; a bare
+        optimizer's ``step()`` returns ``None`` (fp32) or ``0.0`` (bf16) for it when
+        ``clip_grad`` is 0, this the norm all the same.
     """
+    mopt = _stock_step_module()
+    stock_steps = (
+        mopt.ChainedOptimizer.step,
+        mopt.FP32Optimizer.step,
+        mopt.MixedPrecisionOptimizer.step,
+    )
+    if type(optimizer).step not in stock_steps:
+        raise TypeError(
+            f"optimizer_step reproduces Megatron's stock step(); {type(optimizer).__name__} "
+            "overrides it"
+        )
     found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
+    norm = optimizer.get_grad_norm()  # passed on to the clip as the stock step() does
+    grad_norm = float(norm)
     if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
         return False, grad_norm
-    ok, grad_norm, _ = optimizer.step()
-    return bool(ok), float(grad_norm)
+    if isinstance(optimizer, mopt.ChainedOptimizer):
+        parts = optimizer.chained_optimizers
+    else:
+        parts = [optimizer]
+    for part in parts:
+        if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
+            continue
+        params = part.get_parameters()
+        if params:
+            mopt.clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=part.config.clip_grad,
+                total_norm=norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm
