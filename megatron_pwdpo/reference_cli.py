@@ -104,7 +104,6 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
         The number of rows written.
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
-    from megatron_pwdpo.config import validate
     from megatron_pwdpo.data.prepare import prepare_data
     from megatron_pwdpo.reference import (
         cache_fingerprint,
@@ -113,6 +112,7 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
         row_digests,
     )
     from megatron_pwdpo.training_setup import Layout, build_chunks
+    from megatron_pwdpo.validation import validate
 
     start = time.perf_counter()
     p = config.parallel

@@ -32,7 +32,7 @@ from megatron_pwdpo.batches import (
     pair_up,
     rank_micro_batches,
 )
-from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig, dump_yaml, validate
+from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig, dump_yaml
 from megatron_pwdpo.data.prepare import PreparedData, prepare_data
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.kto import kto_reference_point
@@ -49,6 +49,7 @@ from megatron_pwdpo.step import (
     sum_reports,
 )
 from megatron_pwdpo.training_setup import Layout, build_chunks, build_optimizer, optimizer_step
+from megatron_pwdpo.validation import validate
 
 Batches = list[dict[str, torch.Tensor]]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG, main
-from megatron_pwdpo.config import ConfigError, RunConfig, load_config, parse_overrides, validate
+from megatron_pwdpo.config import ConfigError, RunConfig, load_config, parse_overrides
+from megatron_pwdpo.validation import validate
 
 
 def test_default_example_loads_and_resolves_paths():

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from megatron_pwdpo import precision
-from megatron_pwdpo.config import RunConfig, load_config, validate
+from megatron_pwdpo.config import RunConfig, load_config
 from megatron_pwdpo.model import padded_vocab_size
+from megatron_pwdpo.validation import validate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER_CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "tiny_cpu.yaml")

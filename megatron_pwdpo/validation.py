@@ -1,0 +1,195 @@
+"""Checks on a :class:`~megatron_pwdpo.config.RunConfig`: values, their combinations and,
+given the world size, the parallel layout. Each failure is one :class:`ConfigError` line
+that names the key(s) and, where there is one, the fix; nothing here starts a process
+group or touches a file, so a bad run stops before any expensive work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_pwdpo.config import ConfigError, RunConfig
+from megatron_pwdpo.precision import check_supported
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: RunConfig, *, world_size: int | None = None) -> None:
+    """Check values and their combinations; ``world_size`` adds the layout checks."""
+    m, p, t, d, loss = config.model, config.parallel, config.train, config.data, config.loss
+    for key, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.vocab_size", m.vocab_size),
+        ("parallel.tensor_parallel", p.tensor_parallel),
+        ("parallel.pipeline_parallel", p.pipeline_parallel),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+        ("data.seq_length", d.seq_length),
+        ("timeout_s", config.timeout_s),
+    ]:
+        _require(value > 0, f"{key}: must be positive, got {value}")
+    for key, value in [
+        ("train.steps", t.steps),
+        ("train.sft_steps", t.sft_steps),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.save_interval", t.save_interval),
+        ("data.eval_rows", d.eval_rows),
+    ]:
+        _require(value >= 0, f"{key}: must be >= 0, got {value}")
+    _require(t.keep_checkpoints > 0, "train.keep_checkpoints: must be positive")
+    _require(t.max_bad_steps_in_a_row > 0, "train.max_bad_steps_in_a_row: must be positive")
+    _require(
+        t.time_budget_s is None or t.time_budget_s > 0, "train.time_budget_s: must be positive"
+    )
+    _require(t.eval_interval > 0, f"train.eval_interval: must be positive, got {t.eval_interval}")
+    _require(t.log_interval > 0, f"train.log_interval: must be positive, got {t.log_interval}")
+    _require(loss.beta > 0, f"loss.beta: must be positive, got {loss.beta}")
+    _require(t.lr > 0 and t.sft_lr > 0, "train.lr and train.sft_lr: must be positive")
+    _require(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing: must be in [0, 0.5)")
+    _require(
+        m.hidden_size % m.num_attention_heads == 0,
+        f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+        f"({m.num_attention_heads})",
+    )
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(
+        m.num_attention_heads % groups == 0,
+        f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+        f"model.num_query_groups ({groups})",
+    )
+    _require(
+        groups % p.tensor_parallel == 0,
+        f"model.num_query_groups ({groups}) must be divisible by parallel.tensor_parallel "
+        f"({p.tensor_parallel})",
+    )
+    stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
+    _require(
+        m.num_layers % stages == 0,
+        f"model.num_layers ({m.num_layers}) must be divisible by pipeline_parallel x "
+        f"virtual_pipeline ({stages})",
+    )
+    _require(
+        d.seq_length <= m.max_seq_length,
+        f"data.seq_length ({d.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})",
+    )
+    _require(
+        d.packing != "masked" or not torch.cuda.is_available(),
+        "data.packing=masked needs the local layer spec (CPU); on GPU Transformer Engine "
+        "ignores the block-diagonal mask: use data.packing=thd",
+    )
+    _require(
+        d.packing != "thd" or _have_transformer_engine(),
+        "data.packing=thd needs Transformer Engine on GPU (megatron-core's local layer "
+        "spec refuses PackedSeqParams): use data.packing=masked on CPU",
+    )
+    _require(
+        d.packing != "thd" or not p.virtual_pipeline,
+        "data.packing=thd with parallel.virtual_pipeline is not supported (the interleaved "
+        "schedule exchanges activations of one fixed shape): use one of them",
+    )
+    _require(
+        p.logprob_chunk_size >= 0,
+        f"parallel.logprob_chunk_size: must be >= 0, got {p.logprob_chunk_size}",
+    )
+    _require(
+        not (p.logprob_chunk_size and p.sequence_parallel),
+        "parallel.logprob_chunk_size with parallel.sequence_parallel is not supported yet "
+        "(the output layer's input is sharded along the sequence): set one of them",
+    )
+    _require(
+        not p.sequence_parallel or torch.cuda.is_available(),
+        "parallel.sequence_parallel needs Transformer Engine on GPU (megatron-core's local "
+        "layer spec, used on CPU, refuses it)",
+    )
+    _require(
+        not p.sequence_parallel or p.tensor_parallel > 1,
+        "parallel.sequence_parallel needs parallel.tensor_parallel > 1",
+    )
+    unsupported = check_supported(config.precision)
+    _require(unsupported is None, str(unsupported))
+    needs_ref = loss.name != "sft"
+    _require(
+        not needs_ref or config.reference.mode != "none",
+        f"reference.mode: 'none' is only valid with loss.name=sft (got {loss.name})",
+    )
+    _validate_reference(config)
+    pairwise = loss.name in ("dpo", "ipo")
+    _require(
+        not pairwise or (d.source == "hh-rlhf" and d.hh_mode == "paired"),
+        f"loss.name={loss.name} needs pairs: data.source=hh-rlhf with data.hh_mode=paired",
+    )
+    _require(
+        not pairwise or loss.normalization == "global_mean",
+        f"loss.normalization=per_class is for point-wise losses, not {loss.name}",
+    )
+    if world_size is not None:
+        model_parallel = p.tensor_parallel * p.pipeline_parallel
+        _require(
+            world_size % model_parallel == 0,
+            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
+            f"({model_parallel})",
+        )
+        dp = world_size // model_parallel
+        _require(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+            f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})",
+        )
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        _require(
+            not p.virtual_pipeline or micro_batches % p.pipeline_parallel == 0,
+            f"parallel.virtual_pipeline: the interleaved schedule needs a multiple of "
+            f"pipeline_parallel ({p.pipeline_parallel}) micro-batches per step, got "
+            f"{micro_batches} (global_batch_size / (micro_batch_size x data-parallel))",
+        )
+
+
+def _have_transformer_engine() -> bool:
+    """CUDA and an importable Transformer Engine (what the TE layer spec needs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def _validate_reference(config: RunConfig) -> None:
+    ref, t, name = config.reference, config.train, config.loss.name
+    if name == "sft":
+        return
+    sft_stage = t.sft_steps > 0
+    _require(
+        not (ref.checkpoint and sft_stage),
+        "reference.checkpoint is set but train.sft_steps > 0 makes the SFT result the "
+        "reference: set one of them",
+    )
+    if ref.mode != "cache":
+        return
+    _require(
+        ref.cache_path is not None,
+        "reference.mode=cache needs reference.cache_path (megatron-pwdpo precompute-ref --out)",
+    )
+    _require(
+        not sft_stage,
+        "reference.mode=cache needs a fixed reference, but train.sft_steps > 0 makes the "
+        "SFT result the reference: train the SFT stage first, run precompute-ref from its "
+        "checkpoint, then train with train.sft_steps=0 train.init_checkpoint=<it>",
+    )
+    _require(
+        name != "kto",
+        "reference.mode=cache cannot serve loss.name=kto (its KL point needs the reference "
+        "on mismatched pairs made per batch): use reference.mode=resident or offload",
+    )
+    _require(
+        bool(ref.checkpoint or t.init_checkpoint),
+        "reference.mode=cache needs the reference's checkpoint: set reference.checkpoint or "
+        "train.init_checkpoint (a random initialisation depends on the layout)",
+    )
