@@ -102,19 +102,24 @@ class _Strategy:
             return self._run(micro_batches, reduction=reduction)
         # the rows of each micro-batch, in the order of its per-row log-probs
         batch_rows = [[rows[i] for i in b["row_index"].tolist()] for b in micro_batches]
-        kept = [r for rs in batch_rows for r in rs if needs_reference(r)]
+        kept = [r for r in _flatten(batch_rows) if needs_reference(r)]
         flat = self._run(self.rebatch(kept), reduction=reduction) if kept else []
         if not self.is_last_stage:
             return []
-        values = torch.cat(flat) if flat else torch.empty(0, device=_device())
-        out, at = [], 0
-        for rs in batch_rows:
-            keep = torch.tensor([needs_reference(r) for r in rs], device=values.device)
-            ref = torch.full((len(rs),), float("nan"), dtype=torch.float32, device=values.device)
-            ref[keep] = values[at : at + int(keep.sum())].float()
-            at += int(keep.sum())
-            out.append(ref)
-        return out
+        values = torch.cat(flat).float() if flat else torch.empty(0, device=_device())
+        # scatter the kept rows' values back in one index op; the positions are known on
+        # the host, so nothing waits for the device here
+        kept_at = torch.tensor(
+            [k for k, r in enumerate(_flatten(batch_rows)) if needs_reference(r)],
+            dtype=torch.long,
+        )
+        ref = torch.full((sum(map(len, batch_rows)),), float("nan"), device=values.device)
+        ref[kept_at.to(values.device, non_blocking=True)] = values
+        return list(ref.split([len(rs) for rs in batch_rows]))
+
+
+def _flatten(nested: list[list]) -> list:
+    return [x for xs in nested for x in xs]
 
 
 class ResidentReference(_Strategy):
