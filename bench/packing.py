@@ -6,15 +6,17 @@ batches of 16 HH rows, alternately, one step each per round:
 * ``padded`` (``data.packing=none``): 2 micro-batches of 8 rows, each padded to its
   longest row (rounded up to 16);
 * ``packed`` (``data.packing=masked``): the 16 rows packed first-fit-decreasing into
-  sequences of 256 positions with a block-diagonal causal mask.
+  sequences of at most 256 positions with a block-diagonal causal mask, up to 8
+  sequences a micro-batch, each micro-batch's sequences shrunk to the narrowest width
+  that holds its rows in as many sequences (``pack_rows(shrink_width=True)``).
 
 Useful tokens are the rows' own positions (prompt and response, no padding), the same
 on both sides. Target: packing speeds the step up by at least the padded batches'
-positions per useful token, ``1 / (1 - padding fraction)``. The packed side pads too
-(its last sequences are not full): with 16 rows of ~146 tokens at least 10 sequences
-of 256 are needed, so about 9% padding remains and the positions alone improve by
-less than the target; a second measurement at 64 rows per step shows the same at a
-batch that packs tighter (about 2% padding left).
+positions per useful token, ``1 / (1 - padding fraction)``. The packed side pads too:
+rows longer than half a sequence cannot share one, so with 16 rows of ~150 positions
+about 7% padding remains (10% without shrinking the widths) and the positions alone
+improve by less than the target; a second measurement at 64 rows per step packs
+tighter (about 2% padding left).
 
     python bench/packing.py [--rounds N] [--quick]
 """
@@ -43,12 +45,14 @@ def _measure_size(s, size: int, rounds: int) -> dict:
     runner, stage = s.runner, s.stage
     configs = {"padded": with_packing(s.config, "none"), "packed": with_packing(s.config, "masked")}
     batches = global_batches(stage.examples, count=rounds + 1, size=size)
-    positions, micro = {}, {}
+    positions, micro, sequences, widths = {}, {}, {}, {}
     for name, config in configs.items():
         runner.config = config
         made = [runner._micro_batches(b) for b in batches]
         positions[name] = [sum(m["tokens"].numel() for m in mbs) for mbs in made]
         micro[name] = median([len(mbs) for mbs in made])
+        sequences[name] = median([sum(m["tokens"].shape[0] for m in mbs) for mbs in made[1:]])
+        widths[name] = [m["tokens"].shape[1] for mbs in made[1:] for m in mbs]
 
     def side(name):
         def step(k):
@@ -74,6 +78,8 @@ def _measure_size(s, size: int, rounds: int) -> dict:
             "positions_per_step": round(median(pos), 1),
             "padding_fraction": round(1 - sum(useful) / sum(pos), 4),
             "micro_batches_per_step": micro[name],
+            "sequences_per_step": sequences[name],
+            "micro_batch_widths": widths[name],
             "step_s": [round(x, 4) for x in t.wall[name]],
             "step_cpu_s": [round(x, 4) for x in t.cpu[name]],
         }
