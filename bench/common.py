@@ -86,7 +86,8 @@ def session(*overrides: str, reference: bool = True, quiet: bool = True) -> Iter
     from megatron_pwdpo import cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
     from megatron_pwdpo.observe import RunLog
-    from megatron_pwdpo.train import Runner, plan_stages
+    from megatron_pwdpo.run_plan import plan_stages
+    from megatron_pwdpo.train import Runner
     from megatron_pwdpo.training_setup import Layout, build_optimizer
 
     if quiet:

@@ -218,7 +218,7 @@ def _prepared(loss: str, run_dir: str, count: int):
     import warnings
 
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.train import plan_stages
+    from megatron_pwdpo.run_plan import plan_stages
 
     warnings.filterwarnings("ignore")
     config = bench_config(run_dir, *overrides(loss))

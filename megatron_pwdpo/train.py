@@ -1,23 +1,19 @@
 """The training loop: init, build, step, evaluate, checkpoint, log.
 
-A run has up to two stages. With ``train.sft_steps > 0`` and a preference loss, an
-SFT stage on the demonstrations comes first; its weights are the starting policy
-and the frozen reference of the main stage (the usual SFT -> preference recipe, and
-the paper's). The main stage optimises ``loss.name`` for ``train.steps`` steps.
-
-Iterations count over the whole run (SFT steps, then main steps). With
-``resume=auto`` a run continues from the newest complete checkpoint in
-``run_dir/checkpoints``: the same data order (the sampler's only state is the step),
-the same optimizer and LR-schedule state, the same reference.
+``train`` plans the run (``run_plan``: the SFT and main stages, and the checkpoint a
+resumed run continues from), sets up the process groups and the log, then hands each
+stage still to run to ``Runner.run_stage``. A ``Runner`` holds what the stages share
+(policy, reference, log) and does the work of a step: micro-batches, reference
+log-probs, Megatron's forward/backward schedule, the optimizer step, periodic
+evaluation and checkpoints. A resumed stage reloads its optimizer and LR-schedule
+state; the data order needs nothing more (the sampler's only state is the step).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,10 +25,9 @@ from megatron_pwdpo.batches import (
     global_weights,
     mismatched,
     packing_options,
-    pair_up,
     rank_micro_batches,
 )
-from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig, dump_yaml
+from megatron_pwdpo.config import LossConfig, RunConfig, dump_yaml
 from megatron_pwdpo.data.prepare import PreparedData, prepare_data
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.kto import kto_reference_point
@@ -40,6 +35,15 @@ from megatron_pwdpo.observe import RunLog
 from megatron_pwdpo.precision import reference_precision
 from megatron_pwdpo.reference import Reference, build_reference, skipped_rows
 from megatron_pwdpo.resilience import BadStepCounter, FaultInjector, StopRequest
+from megatron_pwdpo.run_plan import (
+    ResumePoint,
+    Stage,
+    check_init_checkpoint,
+    plan_stages,
+    resume_point,
+    stages_to_run,
+    trim_metrics,
+)
 from megatron_pwdpo.step import (
     forward_step,
     make_objective,
@@ -63,20 +67,6 @@ def _objective(loss: LossConfig):
 
 class Preempted(Exception):
     """A checkpoint was saved because of a signal or the time budget; exit and requeue."""
-
-
-@dataclass
-class Stage:
-    """One optimisation stage: a loss, its examples (rows or pairs), length and LR."""
-
-    index: int
-    name: str
-    loss: LossConfig
-    examples: list[Example]
-    eval_examples: list[Example]
-    steps: int
-    lr: float
-    offset: int  # iterations of the stages before this one
 
 
 class Runner:
@@ -298,6 +288,22 @@ class Runner:
         )
         self.log.info(f"saved checkpoint {path}")
 
+    def save_untrained(self, stage: Stage) -> None:
+        """A run of zero steps saves its starting policy as iteration 0 (e.g. to turn
+        an initial checkpoint into a run directory), with no optimizer state."""
+        checkpoint.save_checkpoint(
+            self.policy,
+            self.ckpt_root,
+            iteration=0,
+            common={
+                "config": dump_yaml(self.config),
+                "stage": stage.index,
+                "stage_step": 0,
+                "iteration": 0,
+                "layout": checkpoint.layout(),
+            },
+        )
+
     def _eval_and_log(self, stage: Stage, step: int) -> dict[str, float]:
         metrics = self.evaluate(stage)
         if metrics:
@@ -328,89 +334,11 @@ class Runner:
         )
 
 
-def plan_stages(config: RunConfig, data: PreparedData) -> list[Stage]:
-    """The SFT stage (if any) and the main stage, with their training examples."""
-    t, loss = config.train, config.loss
-
-    def demos(rows):
-        return [r for r in rows if r.is_demo]
-
-    plan = []
-    if loss.name != "sft" and t.sft_steps > 0:
-        if not demos(data.train):
-            raise ConfigError(
-                "train.sft_steps > 0 but the data has no demonstrations "
-                "(set data.demo_chosen=true or train.sft_steps=0)"
-            )
-        sft = replace(loss, name="sft", logp_reduction="mean", normalization="global_mean")
-        plan.append(("sft", sft, demos(data.train), demos(data.eval), t.sft_steps, t.sft_lr))
-    if loss.name == "sft":
-        loss = replace(loss, logp_reduction="mean")
-        train, held_out = demos(data.train) or data.train, demos(data.eval) or data.eval
-    elif loss.name in ("dpo", "ipo"):
-        train, held_out = pair_up(data.train), pair_up(data.eval)
-    else:
-        train, held_out = data.train, data.eval
-    plan.append((loss.name, loss, train, held_out, t.steps, t.lr))
-    stages, offset = [], 0
-    for index, (name, stage_loss, examples, evals, steps, lr) in enumerate(plan):
-        if not examples:
-            raise ConfigError(f"stage '{name}' has no training examples")
-        stages.append(Stage(index, name, stage_loss, examples, evals, steps, lr, offset))
-        offset += steps
-    return stages
-
-
-def _check_init_checkpoint(config: RunConfig) -> None:
-    """The initial checkpoint exists and was written for this model (RoPE, shapes...)."""
-    from megatron_pwdpo.convert import check_model_config
-
-    try:
-        checkpoint.resolve_checkpoint(config.train.init_checkpoint)
-    except FileNotFoundError as err:
-        raise ConfigError(f"train.init_checkpoint: {err}") from None
-    check_model_config(config.model, config.train.init_checkpoint)
-
-
-def _resume_point(config: RunConfig) -> tuple[Path | None, dict]:
-    root = Path(config.run_dir) / "checkpoints"
-    latest = checkpoint.latest_checkpoint(root)
-    if latest is None:
-        return None, {}
-    if config.resume == "never":
-        raise ConfigError(f"{root} holds checkpoints and resume=never: use a new run_dir")
-    return latest, checkpoint.read_common(latest)
-
-
-def _trim_metrics(run_dir: Path, iteration: int) -> None:
-    """Drop metrics.jsonl lines written after the checkpoint a run resumes from."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if json.loads(line).get("iteration", 0) <= iteration
-    ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def train(config: RunConfig) -> dict[str, float]:
-    """Run (or resume) training as configured; returns the final held-out metrics.
-
-    Raises:
-        Preempted: a checkpoint was saved on a signal or the time budget.
-    """
+def _start(config: RunConfig, data: PreparedData, resume: ResumePoint | None) -> Runner:
+    """Process groups, seed, run directory (config.yaml; metrics.jsonl trimmed to the
+    resume point) and log, then a runner whose policy holds the starting weights: the
+    resume point's, else ``train.init_checkpoint``'s, else a fresh initialisation."""
     p = config.parallel
-    validate(config, world_size=distributed.world_from_env().world_size)
-    RunLog.check_logging(config)  # a requested TensorBoard / W&B package is installed
-    if config.train.init_checkpoint:
-        _check_init_checkpoint(config)
-    data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
-    stages = plan_stages(config, data)
-    resume_from, common = _resume_point(config)
     world = distributed.init_distributed(
         tensor_parallel=p.tensor_parallel,
         pipeline_parallel=p.pipeline_parallel,
@@ -424,8 +352,8 @@ def train(config: RunConfig) -> dict[str, float]:
     if world.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
-        if resume_from is not None:
-            _trim_metrics(run_dir, common["iteration"])
+        if resume is not None:
+            trim_metrics(run_dir, resume.iteration)
     torch.distributed.barrier()
     log = RunLog(
         run_dir, enabled=world.rank == 0, progress=config.train.progress, logging=config.logging
@@ -436,39 +364,43 @@ def train(config: RunConfig) -> dict[str, float]:
     )
     log.info(data.summary())
     runner = Runner(config, data, layout, log)
-    if resume_from is not None:
-        checkpoint.load_checkpoint(runner.policy, resume_from)
-        runner.bad_steps.total = common.get("skipped_steps", 0)
+    if resume is not None:
+        checkpoint.load_checkpoint(runner.policy, resume.path)
+        runner.bad_steps.total = resume.common.get("skipped_steps", 0)
     elif config.train.init_checkpoint:
         checkpoint.load_checkpoint(runner.policy, config.train.init_checkpoint)
         log.info(f"initial policy from {config.train.init_checkpoint}")
+    return runner
+
+
+def train(config: RunConfig) -> dict[str, float]:
+    """Run (or resume) training as configured; returns the final held-out metrics.
+
+    Everything that can refuse the run (config, data, initial checkpoint, ``run_dir``)
+    is checked before any process group exists.
+
+    Raises:
+        ConfigError: the run cannot start as configured.
+        Preempted: a checkpoint was saved on a signal or the time budget.
+    """
+    validate(config, world_size=distributed.world_from_env().world_size)
+    RunLog.check_logging(config)  # a requested TensorBoard / W&B package is installed
+    if config.train.init_checkpoint:
+        check_init_checkpoint(config)
+    data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
+    stages = plan_stages(config, data)
+    resume = resume_point(config)
+    runner = _start(config, data, resume)
     final: dict[str, float] = {}
-    for stage in stages:
-        done = resume_from is not None and (
-            stage.index < common["stage"]
-            or (stage.index == common["stage"] and common["stage_step"] >= stage.steps)
-        )
-        if done:
-            continue
-        within = resume_from is not None and stage.index == common["stage"]
+    for stage, resume_from in stages_to_run(stages, resume):
         if stage.loss.name != "sft" and runner.reference is None:
-            runner.set_reference(resumed=within)
-        final = runner.run_stage(stage, resume_from=resume_from if within else None)
-    if not final and resume_from is not None:
-        log.info(f"{run_dir}: already complete at iteration {common['iteration']}")
-    if sum(s.steps for s in stages) == 0 and resume_from is None:  # e.g. an initial checkpoint
-        checkpoint.save_checkpoint(
-            runner.policy,
-            runner.ckpt_root,
-            iteration=0,
-            common={
-                "config": dump_yaml(config),
-                "stage": stages[-1].index,
-                "stage_step": 0,
-                "iteration": 0,
-                "layout": checkpoint.layout(),
-            },
-        )
-    log.close()
+            runner.set_reference(resumed=resume_from is not None)
+        final = runner.run_stage(stage, resume_from=resume_from)
+    if not final and resume is not None:
+        run_dir = Path(config.run_dir)
+        runner.log.info(f"{run_dir}: already complete at iteration {resume.iteration}")
+    if sum(s.steps for s in stages) == 0 and resume is None:  # e.g. an initial checkpoint
+        runner.save_untrained(stages[-1])
+    runner.log.close()
     distributed.shutdown()
     return final
