@@ -19,10 +19,13 @@ whole step), the step and reference-forward times, and MFU counted separately:
 
 FLOPs are ``common.forward_flops`` (matmuls, full attention square, as Megatron
 counts). The peak is the GPU's dense bf16 peak (``--peak-tflops`` overrides; FP8 runs
-are also given against the dense FP8 peak). A sanity check needs CUDA; without it the
-script says so and exits 0.
+are also given against the dense FP8 peak). Measuring needs CUDA; without it the
+script says so and exits 0. ``--cpu-dry-run`` runs the whole pipeline (worker process,
+session, reference timing, FLOP and MFU arithmetic, table) on the CPU in fp32 with a
+tiny model, writing nothing: a check of the script itself where no GPU is lent.
 
     python bench/gpu.py [--model 1b|small] [--seq 2048] [--steps 10]
+    python bench/gpu.py --cpu-dry-run
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ MODELS = {
         "model.num_query_groups=8",
         "model.vocab_size=128256",
         "model.rotary_base=500000",
+    ],
+    # the CPU dry run's (--cpu-dry-run)
+    "tiny": [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.ffn_hidden_size=128",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
     ],
     # a quick check (a few seconds per precision)
     "small": [
@@ -129,8 +140,19 @@ def full_rows(rows, *, seq: int, count: int):
     ]
 
 
+def _sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU dry run)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def worker(args) -> None:
     import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
 
     overrides = [
         *MODELS[args.model],
@@ -153,21 +175,22 @@ def worker(args) -> None:
         logps = runner.reference.logps
 
         def timed_logps(*a, **k):
-            torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
             out = logps(*a, **k)
-            torch.cuda.synchronize()
+            _sync()
             ref_times.append(time.perf_counter() - start)
             return out
 
         runner.reference.logps = timed_logps
         step_times = []
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for k, batch in enumerate(batches):
-            torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
             metrics, _, _, _ = runner.train_step(s.stage, batch, k + 1, s.optimizer)
-            torch.cuda.synchronize()
+            _sync()
             step_times.append(time.perf_counter() - start)
         step = median(step_times[args.warmup :])
         ref = median(ref_times[args.warmup :])
@@ -176,11 +199,11 @@ def worker(args) -> None:
         bf16_peak, fp8_peak = (
             (args.peak_tflops, None)
             if args.peak_tflops
-            else peak_tflops(torch.cuda.get_device_name())
+            else peak_tflops(device)
         )
         result = {
             "precision": args.worker,
-            "device": torch.cuda.get_device_name(),
+            "device": device,
             "parameters": num_parameters(model),
             "tokens_per_step": tokens,
             "median_step_s": round(step, 4),
@@ -191,7 +214,9 @@ def worker(args) -> None:
             "step_tflops_per_s": round(4 * fwd / step / 1e12, 2),
             "peak_bf16_tflops": bf16_peak,
             "peak_fp8_tflops": fp8_peak,
-            "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "max_memory_allocated_gib": round(
+                torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2
+            ),
             "last_loss": metrics["loss"],
         }
         for key in ("policy", "reference", "step"):
@@ -237,14 +262,23 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
     parser.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)  # fp32: CPU dry run
+    parser.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="check the script on the CPU (fp32, tiny model, bf16 side only); writes nothing",
+    )
     args = parser.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
-        return 0
     if args.worker:
         worker(args)
+        return 0
+    if args.cpu_dry_run:
+        args.model, args.seq, args.micro, args.global_batch = "tiny", 128, 2, 4
+        args.steps, args.warmup, args.precisions, args.dtype = 2, 1, "bf16", "fp32"
+        args.peak_tflops = args.peak_tflops or 1.0  # any peak: exercises the MFU arithmetic
+    elif not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
         return 0
     if args.quick:
         args.model, args.steps, args.warmup = "small", 3, 2
@@ -257,7 +291,7 @@ def main(argv=None) -> int:
         passed = [
             "--model", args.model, "--seq", str(args.seq), "--micro", str(args.micro),
             "--global-batch", str(args.global_batch), "--warmup", str(args.warmup),
-            "--steps", str(args.steps),
+            "--steps", str(args.steps), "--dtype", args.dtype,
         ]  # fmt: skip
         if args.peak_tflops:
             passed += ["--peak-tflops", str(args.peak_tflops)]
@@ -270,11 +304,13 @@ def main(argv=None) -> int:
         "timed_steps": args.steps,
         "runs": runs,
     }
-    path = write_result("gpu", result, args.out)
     header = ["precision", "tokens/s/GPU", "vs bf16", "policy MFU", "ref MFU", "step MFU", "GiB"]
     print(table(summary_rows(result), header))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    print(f"wrote {path}")
+    if args.cpu_dry_run:
+        print("cpu dry run: the pipeline works; nothing measured, nothing written")
+        return 0
+    print(f"wrote {write_result('gpu', result, args.out)}")
     return 0
 
 
