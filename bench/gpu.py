@@ -196,11 +196,7 @@ def worker(args) -> None:
         ref = median(ref_times[args.warmup :])
         tokens = args.global_batch * args.seq
         fwd = forward_flops(model, batch=args.global_batch, seq=args.seq)
-        bf16_peak, fp8_peak = (
-            (args.peak_tflops, None)
-            if args.peak_tflops
-            else peak_tflops(device)
-        )
+        bf16_peak, fp8_peak = (args.peak_tflops, None) if args.peak_tflops else peak_tflops(device)
         result = {
             "precision": args.worker,
             "device": device,
