@@ -198,9 +198,10 @@ def build_model(
         a ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
         per-token vocab-parallel cross-entropy ``[b, s]`` (no vocabulary gather), over
         chunks of ``parallel.logprob_chunk_size`` positions when that is set
-        (:class:`megatron_pwdpo.chunked_gpt.ChunkedLogitsGPTModel`).
+        (:class:`megatron_pwdpo.logprob_model.LogprobGPTModel`), and over the real
+        vocabulary only (the padded rows are excluded from the softmax).
     """
-    from megatron_pwdpo.chunked_gpt import ChunkedLogitsGPTModel
+    from megatron_pwdpo.logprob_model import LogprobGPTModel
 
     use_cuda = torch.cuda.is_available()
     config = transformer_config(
@@ -208,7 +209,8 @@ def build_model(
     )
     if config.fp8 and not (use_cuda and _have_te()):
         raise RuntimeError("precision.fp8 needs CUDA and Transformer Engine (the TE layer spec)")
-    gpt = ChunkedLogitsGPTModel(
+    gpt = LogprobGPTModel(
+        real_vocab_size=model.vocab_size,
         logprob_chunk_size=parallel.logprob_chunk_size,
         config=config,
         transformer_layer_spec=layer_spec(use_te=use_cuda and _have_te()),

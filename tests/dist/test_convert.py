@@ -155,6 +155,25 @@ def test_logits_match_transformers(work, name, layout):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def _targets(tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token targets (the last position's: the first token; any valid id)."""
+    return torch.roll(tokens, -1, dims=1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", NAMES)
+def test_log_probs_match_transformers_over_the_real_vocabulary(work, name, tp):
+    """Token log-probs of the training path (vocab-parallel cross-entropy over 320 rows,
+    20 of them padding) equal ``log_softmax`` of ``transformers``' 300 logits: the
+    padded rows take no part in the softmax."""
+    tokens = torch.load(work / "tokens.pt")
+    logits = torch.load(work / f"{name}_ref.pt").double()
+    want = torch.log_softmax(logits, dim=-1).gather(-1, _targets(tokens)[..., None])[..., 0]
+    got = torch.load(work / name / f"logps_tp{tp}.pt").double()
+    print(f"{name} tp{tp}: max |log-prob diff| {(got - want).abs().max().item():.2e}")
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_convert_back_reproduces_the_state_dict(work, name):
     from safetensors.torch import load_file
@@ -289,6 +308,7 @@ def _worker(root: Path) -> None:
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.convert.hf_to_mcore import hf_to_mcore
     from megatron_pwdpo.convert.mcore_to_hf import mcore_to_hf, read_model_config
+    from megatron_pwdpo.logprobs import model_token_logps
     from megatron_pwdpo.model import ParallelConfig, build_model
 
     names = NAMES
@@ -320,6 +340,13 @@ def _worker(root: Path) -> None:
                 logits = _forward_logits([model], tokens)
                 if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
                     torch.save(logits[..., :VOCAB], root / name / f"logits_tp{tp}pp{pp}.pt")
+                if pp == 1:  # the training path: labels -> vocab-parallel cross-entropy
+                    with torch.no_grad():
+                        logps = model_token_logps(
+                            model, tokens, torch.arange(SEQ).expand_as(tokens), _targets(tokens)
+                        )
+                    if ps.get_tensor_model_parallel_rank() == 0:
+                        torch.save(logps, root / name / f"logps_tp{tp}.pt")
         ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
         for name in names:

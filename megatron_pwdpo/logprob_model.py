@@ -1,15 +1,24 @@
-"""A GPTModel whose ``labels`` path bounds the memory of the logits.
+"""A GPTModel whose ``labels`` path gives exact log-probs within bounded memory.
 
-Megatron-Core's GPTModel, called with ``labels``, applies the output layer to the whole
-sequence and then the vocab-parallel cross-entropy: ``[s, b, V / tp]`` logits, plus the
-fp32 softmax the cross-entropy keeps for its backward, exist at once. At a 128k
-vocabulary and 8k positions that is 4 GiB per copy per sample at TP=1, the OOM preference
-trainers hit. With ``logprob_chunk_size = c`` this model instead runs the decoder to its
-final hidden states ``[s, b, h]`` and computes output layer + cross-entropy over ``c``
-positions at a time, each chunk under activation checkpointing (its logits are
-recomputed in the backward pass), so that only one chunk's ``[c, b, V / tp]`` logits
-exist at a time. Results are identical; the cost is one more output-layer matmul per
-chunk in the backward.
+**Padded vocabulary rows.** The embedding and output layer hold ``padded_vocab_size``
+rows (:func:`megatron_pwdpo.model.padded_vocab_size`: a multiple every TP size divides)
+of which only the first ``vocab_size`` are tokens. Megatron-LM lets the others into the
+softmax, so a model converted from Hugging Face (zero rows there: logit 0) or trained
+from scratch (random rows) gets ``log Z`` too large. Here their logits are set to the
+dtype's lowest value before the vocab-parallel cross-entropy (``exp`` of it is 0; a
+finite value, not ``-inf``, so that fused online-softmax kernels never compute ``-inf -
+(-inf)``), so the log-probs are those of the real vocabulary, as in ``transformers``.
+
+**Chunking.** Megatron-Core's GPTModel, called with ``labels``, applies the output layer
+to the whole sequence and then the vocab-parallel cross-entropy: ``[s, b, V / tp]``
+logits, plus the fp32 softmax the cross-entropy keeps for its backward, exist at once.
+At a 128k vocabulary and 8k positions that is 4 GiB per copy per sample at TP=1, the OOM
+preference trainers hit. With ``logprob_chunk_size = c`` this model instead runs the
+decoder to its final hidden states ``[s, b, h]`` and computes output layer + cross-
+entropy over ``c`` positions at a time, each chunk under activation checkpointing (its
+logits are recomputed in the backward pass), so that only one chunk's ``[c, b, V / tp]``
+logits exist at a time. Results are identical; the cost is one more output-layer matmul
+per chunk in the backward.
 
 Everything else (no labels, pipeline stages without the output layer, sequences not
 longer than one chunk) is the stock GPTModel.
@@ -20,24 +29,31 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from torch.utils.checkpoint import checkpoint
 
 
-class ChunkedLogitsGPTModel(GPTModel):
-    """GPTModel with ``logprob_chunk_size`` (see the module docstring).
+class LogprobGPTModel(GPTModel):
+    """GPTModel whose cross-entropy excludes padded vocabulary rows and can be chunked
+    (see the module docstring).
 
     Args:
+        real_vocab_size: tokens of the vocabulary (the rest of GPTModel's
+            ``vocab_size`` rows is padding); None = no padding.
         logprob_chunk_size: sequence positions per chunk of the output layer and the
             cross-entropy; 0 = the whole sequence at once (stock behaviour).
-        *args, **kwargs: GPTModel's.
+        *args, **kwargs: GPTModel's (``vocab_size`` is the padded size).
     """
 
-    def __init__(self, *args, logprob_chunk_size: int = 0, **kwargs):
+    def __init__(
+        self, *args, real_vocab_size: int | None = None, logprob_chunk_size: int = 0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         if logprob_chunk_size and self.config.mtp_num_layers:
             raise ValueError("logprob_chunk_size does not support multi-token prediction")
         self.logprob_chunk_size = logprob_chunk_size
+        self.real_vocab_size = real_vocab_size or self.vocab_size
 
     def forward(
         self,
@@ -82,6 +98,18 @@ class ChunkedLogitsGPTModel(GPTModel):
         )
         logits, _ = self.output_layer(hidden, weight=weight)
         return self.compute_language_model_loss(labels, logits)
+
+    def compute_language_model_loss(
+        self, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Megatron's per-token vocab-parallel cross-entropy ``[b, s]`` of ``logits``
+        ``[s, b, V / tp]``, with this rank's padded vocabulary rows excluded."""
+        local = logits.shape[-1]
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        first_pad = self.real_vocab_size - rank * local  # local index of the first pad row
+        if first_pad < local:
+            logits[..., max(first_pad, 0) :] = torch.finfo(logits.dtype).min
+        return super().compute_language_model_loss(labels, logits)
 
 
 def chunked_cross_entropy(
