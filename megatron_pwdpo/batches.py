@@ -28,10 +28,10 @@ from megatron_pwdpo.data.tokenize import TokenizedRow
 Pair = tuple[TokenizedRow, TokenizedRow]
 Example = TokenizedRow | Pair
 
-# packed THD micro-batches run as one [1, b * s] sequence on Transformer Engine: a
-# multiple of 16 positions per sequence keeps b * s a multiple of 16, as the padded
-# batches' widths are (FP8 GEMMs and sequence-parallel splits want aligned token counts)
-THD_WIDTH_MULTIPLE = 16
+# a packed THD micro-batch is one [1, T] sequence on Transformer Engine; T is rounded up
+# to a multiple of 64 (FP8 and MXFP8 GEMMs and sequence-parallel splits want aligned
+# token counts): at most 63 padding positions per micro-batch
+THD_TOKEN_MULTIPLE = 64
 
 
 def pair_up(rows: list[TokenizedRow]) -> list[Pair]:
@@ -112,9 +112,10 @@ def rank_micro_batches(
         weights: ``[G]`` loss weights (zeros when None: evaluation).
         pack_length: pack rows first-fit-decreasing into sequences of at most this many
             positions (pairs stay within one micro-batch); None = one row per sequence.
-            Each micro-batch's sequences are as narrow as its rows allow without
-            needing more of them (``pack_rows(shrink_width=True)``; for ``thd`` a
-            multiple of `THD_WIDTH_MULTIPLE`), unless ``fixed_width`` is set.
+            With ``mask``, each micro-batch's sequences are as narrow as its rows allow
+            without needing more of them (``pack_rows(shrink_width=True)``) unless
+            ``fixed_width`` is set; with ``thd`` the micro-batch's rows are one sequence
+            (a multiple of `THD_TOKEN_MULTIPLE` positions).
         packed_layout: how packed rows are kept apart (``data.packing.pack_rows``):
             a block-diagonal ``mask`` (CPU) or ``thd`` boundaries (Transformer Engine).
         fixed_width: pad every unpacked micro-batch to this width, and keep packed
@@ -154,7 +155,7 @@ def rank_micro_batches(
                 pad_id=pad_id,
                 layout=packed_layout,
                 shrink_width=fixed_width is None,
-                width_multiple=THD_WIDTH_MULTIPLE if packed_layout == "thd" else 1,
+                width_multiple=THD_TOKEN_MULTIPLE if packed_layout == "thd" else 1,
             )
             batch["num_tokens"] = torch.tensor(sum(r.input_ids.size - 1 for r in rows))
         batch["weight"] = torch.tensor(weights[part], dtype=torch.float32)

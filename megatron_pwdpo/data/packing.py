@@ -15,11 +15,15 @@ Attention never crosses rows, in one of two layouts:
   bool with **True = masked** (Megatron's convention): position ``i`` sees position
   ``j`` iff both belong to the same row and ``j <= i``; a padding position sees only
   itself (so no softmax row is empty).
-* ``thd`` (GPU, Transformer Engine): ``cu_seqlens`` ``[k+1]`` int32, the boundaries of
-  every row and padding run in the flattened ``[b * s]`` batch, and ``max_seqlen``; the
-  model runs the batch as one ``[1, b * s]`` sequence with Megatron's
-  ``PackedSeqParams(qkv_format="thd")`` (see ``logprobs.packed_seq_params``), and RoPE
-  restarts at every boundary, as ``position_ids`` do.
+* ``thd`` (GPU, Transformer Engine): the rows are concatenated into **one** sequence
+  ``[1, T]`` with no padding between them (``T`` = their positions, rounded up to a
+  multiple of ``width_multiple`` by one padding run at the end), ``cu_seqlens`` ``[k+1]``
+  int32 the boundaries of every row and of that run, and ``max_seqlen``; the model runs
+  it with Megatron's ``PackedSeqParams(qkv_format="thd")`` (see
+  ``logprobs.packed_seq_params``): attention is computed per row, never over padding,
+  and RoPE restarts at every boundary, as ``position_ids`` do. A micro-batch holds as
+  many rows as FFD fits into its ``micro_batch_size`` sequences of ``seq_length``, so
+  ``T`` is at most that many positions (plus the rounding).
 
 With ``shrink_width`` the sequences are narrower than ``seq_length`` when the rows allow
 it (`balanced_width`): FFD needs ``k`` sequences of ``seq_length``; the batch is packed
@@ -166,11 +170,13 @@ def pack_rows(
         rows: the rows; their order is kept in the per-row outputs and ``segment_ids``.
         seq_length: the sequences' width ``s`` (the widest allowed with ``shrink_width``).
         pad_id: the token id of padding positions.
-        layout: ``mask`` (block-diagonal ``attention_mask``) or ``thd`` (``cu_seqlens``).
-        shrink_width: pack into ``s = balanced_width(...) <= seq_length`` instead: as
-            many sequences as FFD needs at ``seq_length``, each row's content the same.
-        width_multiple: with ``shrink_width``, ``s`` is a multiple of this (or
-            ``seq_length``).
+        layout: ``mask`` (block-diagonal ``attention_mask``) or ``thd`` (``cu_seqlens``;
+            every row in one sequence, ``b = 1``, see the module docstring).
+        shrink_width: ``mask``: pack into ``s = balanced_width(...) <= seq_length``
+            instead: as many sequences as FFD needs at ``seq_length``, each row's content
+            the same.
+        width_multiple: ``s`` is a multiple of this: with ``shrink_width`` (or
+            ``seq_length``), and always for ``thd``.
 
     Returns:
         ``tokens``, ``target_ids`` [b, s] int64 (pad: ``pad_id``), ``loss_mask`` [b, s]
@@ -187,10 +193,15 @@ def pack_rows(
     if not rows:
         raise ValueError("pack_rows needs at least one row")
     lengths = [r.input_ids.size - 1 for r in rows]
-    s = seq_length
-    if shrink_width:
-        s = balanced_width(lengths, seq_length=seq_length, multiple=width_multiple)
-    bins = pack_ffd(lengths, seq_length=s)
+    if layout == "thd":  # one sequence, rows back to back (each still within seq_length)
+        pack_ffd([max(lengths)], seq_length=seq_length)  # the same check of row lengths
+        bins = [list(range(len(rows)))]
+        s = -(-sum(lengths) // width_multiple) * width_multiple
+    else:
+        s = seq_length
+        if shrink_width:
+            s = balanced_width(lengths, seq_length=seq_length, multiple=width_multiple)
+        bins = pack_ffd(lengths, seq_length=s)
     b = len(bins)
     tokens = np.full((b, s), pad_id, dtype=np.int64)
     targets = np.full((b, s), pad_id, dtype=np.int64)

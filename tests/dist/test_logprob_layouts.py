@@ -121,7 +121,8 @@ SCRIPT = textwrap.dedent(
         masked = rank_micro_batches(rows, packed_layout="mask", **kw)
         thd = rank_micro_batches(rows, packed_layout="thd", **kw)
         assert len(masked) == len(thd) == 1 and "cu_seqlens" in thd[0]
-        assert thd[0]["tokens"].shape[0] < len(rows)  # rows really share sequences
+        assert masked[0]["tokens"].shape[0] < len(rows)  # rows really share sequences
+        assert thd[0]["tokens"].shape[0] == 1  # THD: all rows in one sequence
         for name, batch, model in [("mask", masked[0], plain), ("thd", thd[0], plain),
                                    ("thd+chunks", thd[0], chunked)]:
             got, got_grads = rows_and_grads(model, batch, weights)

@@ -90,8 +90,8 @@ def test_packed_micro_batches_shrink_unless_the_width_is_fixed():
         assert shrunk["tokens"][b].tolist() == fixed["tokens"][a].tolist()
         assert shrunk["loss_mask"][b].tolist() == fixed["loss_mask"][a].tolist()
     (thd,) = rank_micro_batches(rows, packed_layout="thd", **kw)
-    assert thd["tokens"].shape == (2, 16)  # THD widths are multiples of 16
-    assert thd["cu_seqlens"][-1] == thd["tokens"].numel()
+    assert thd["tokens"].shape == (1, 64)  # one sequence: 20 positions, a multiple of 64
+    assert thd["cu_seqlens"].tolist() == [0, 7, 13, 18, 20, 64]  # rows, then the padding
     with pytest.raises(ValueError, match="must equal pack_length"):
         rank_micro_batches(rows, fixed_width=32, **kw)
 
