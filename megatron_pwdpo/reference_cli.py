@@ -13,7 +13,7 @@ writes one ``.npz`` (read without pickle):
 
     ids          [n] str      row ids
     logps        [n] float32  reference log-probs (``loss.logp_reduction``)
-    digests      [n] uint64   digest of each row's tokens (reference.row_digests)
+    digests      [n] uint64   digest of each row's tokens (reference_cache.row_digests)
     fingerprint  str          JSON: reference checkpoint digest, model section,
                               tokenizer, seq_length, logp_reduction
     source       str          the checkpoint path (informative)
@@ -105,7 +105,7 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.reference import (
+    from megatron_pwdpo.reference_cache import (
         cache_fingerprint,
         cache_rows,
         reference_checkpoint,

@@ -16,11 +16,13 @@ from megatron_pwdpo.reference import (
     CacheReference,
     OffloadReference,
     _Strategy,
+    skipped_rows,
+)
+from megatron_pwdpo.reference_cache import (
     cache_logps_by_id,
     checkpoint_digest,
     load_cache_table,
     row_digests,
-    skipped_rows,
 )
 from megatron_pwdpo.reference_cli import write_cache
 
@@ -158,7 +160,7 @@ def _config(ckpt, *extra):
 
 
 def _write(path, config, rows, *, logps=None):
-    from megatron_pwdpo.reference import cache_fingerprint
+    from megatron_pwdpo.reference_cache import cache_fingerprint
 
     tokenizer = load_tokenizer(TOKENIZER)
     logps = -np.arange(1, len(rows) + 1, dtype=np.float32) if logps is None else logps
