@@ -23,17 +23,16 @@ import datetime
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from megatron_pwdpo.launch import python_command, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -262,12 +261,6 @@ class MemoryTracker:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_worker(
     script: str,
     args: Sequence[str],
@@ -280,44 +273,22 @@ def run_worker(
     """Run ``bench/<script> --worker ... --json-out F`` in a fresh process group (under
     ``torch.distributed.run`` with ``nproc`` > 1) and return the JSON it wrote.
 
-    The process group is killed when the worker ends or times out, so a hung worker
-    (or an orphaned grandchild) never outlives the benchmark.
+    The process group is killed when the worker ends or times out
+    (``megatron_pwdpo.launch.run_group``), so a hung worker (or an orphaned grandchild)
+    never outlives the benchmark.
     """
     # a fresh world: not this process's rendezvous (init_distributed sets these)
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS} | (env or {})
     env["PYTHONUNBUFFERED"] = "1"
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    path = str(REPO / "bench" / script)
-    if nproc == 1:
-        cmd = [sys.executable, path]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={_free_port()}",
-            path,
-        ]
     with (
         tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp,
         tempfile.TemporaryFile("w+") as log,
     ):
         out = Path(tmp) / "result.json"
-        child = subprocess.Popen(
-            [*cmd, *args, "--json-out", str(out)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            code = child.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
+        program = [str(REPO / "bench" / script), *args, "--json-out", str(out)]
+        code = run_group(python_command(program, nproc=nproc), stdout=log, env=env, timeout=timeout)
         if code != 0 or not out.exists():
             log.seek(0)
             tail = log.read()[-4000:]

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ import numpy as np
 import yaml
 
 from megatron_pwdpo.config import ConfigError, _merge, load_config, parse_overrides
+from megatron_pwdpo.launch import exit_on_sigterm, python_command, run_group
 
 METHODS = ("sft", "dpo", "pointwise_dpo", "kto", "ulma")
 DEFAULTS: dict[str, Any] = {
@@ -53,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "steps": 80,
     "eval_pairs": 64,
     "nproc": 1,
+    "step_timeout_s": None,  # per training or eval process; None: no limit
     "method_overrides": {},
     "red_team": {"steps": 0, "records": 480, "eval_rows": 96, "overrides": []},
 }
@@ -176,25 +176,15 @@ def red_team_overrides(exp: dict[str, Any], fixture: Path) -> list[str]:
 # --------------------------------------------------------------------------- running
 
 
-def _command(args: list[str], nproc: int) -> list[str]:
-    if nproc <= 1:
-        return [sys.executable, "-m", "megatron_pwdpo.cli", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_pwdpo.cli",
-        *args,
-    ]
-
-
-def run_step(args: list[str], *, log_path: Path, nproc: int = 1) -> float:
+def run_step(
+    args: list[str], *, log_path: Path, nproc: int = 1, timeout: float | None = None
+) -> float:
     """Run one CLI command (output to ``log_path``); its wall time in seconds.
 
-    A ``.done`` file next to the log marks success, so a repeated experiment skips it.
+    The command runs in its own process group, killed when it ends or after ``timeout``
+    seconds (``launch.run_group``): a torch_dist writer grandchild or a hung rank does
+    not outlive its step. A ``.done`` file next to the log marks success, so a repeated
+    experiment skips it.
     """
     done = log_path.with_suffix(".done")
     if done.exists():
@@ -202,13 +192,15 @@ def run_step(args: list[str], *, log_path: Path, nproc: int = 1) -> float:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = python_command(["-m", "megatron_pwdpo.cli", *args], nproc=nproc)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        code = subprocess.call(_command(args, nproc), stdout=log, stderr=subprocess.STDOUT, env=env)
+        code = run_group(cmd, stdout=log, env=env, timeout=timeout)
     wall = time.perf_counter() - start
     if code != 0:
+        what = f"timed out after {timeout} s" if code is None else f"exited {code}"
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{' '.join(args[:3])} ... exited {code} (log {log_path}):\n{tail}")
+        raise RuntimeError(f"{' '.join(args[:3])} ... {what} (log {log_path}):\n{tail}")
     done.write_text(f"{wall:.2f}")
     return wall
 
@@ -218,7 +210,8 @@ def _train(base: Path, run_dir: Path, seed: int, extra: list[str], exp: dict[str
     args += ["train.progress=false", *extra]
     done = " (already done)" if run_dir.with_suffix(".done").exists() else ""
     print(f"[experiment] train {run_dir.relative_to(exp['run_dir'])}{done}", flush=True)
-    return run_step(args, log_path=run_dir.with_suffix(".log"), nproc=exp["nproc"])
+    log_path = run_dir.with_suffix(".log")
+    return run_step(args, log_path=log_path, nproc=exp["nproc"], timeout=exp["step_timeout_s"])
 
 
 def run_seed(base: Path, exp: dict[str, Any], tree: dict[str, Any], seed: int) -> dict:
@@ -236,24 +229,27 @@ def run_seed(base: Path, exp: dict[str, Any], tree: dict[str, Any], seed: int) -
     policies = [f"{m}={root / m / 'checkpoints'}" for m in exp["methods"]]
     hh_eval = ["data.hh_mode=paired", f"data.eval_rows={2 * exp['eval_pairs']}"]
     evals = {}
-    evals["hh"], walls["eval_hh"] = _eval(base, root / "eval_hh", sft_ckpt, policies, hh_eval)
+    limit = exp["step_timeout_s"]
+    evals["hh"], walls["eval_hh"] = _eval(
+        base, root / "eval_hh", sft_ckpt, policies, hh_eval, limit
+    )
     if exp["red_team"]["steps"] > 0:
         fixture = Path(exp["run_dir"]) / "red_team_fixture.jsonl"
         rt_over = red_team_overrides(exp, fixture)
         walls["red_team"] = _train(base, root / "red_team", seed, rt_over + init, exp)
         rt_policy = [f"pointwise_dpo={root / 'red_team' / 'checkpoints'}"]
         evals["red_team"], walls["eval_red_team"] = _eval(
-            base, root / "eval_red_team", sft_ckpt, rt_policy, rt_over
+            base, root / "eval_red_team", sft_ckpt, rt_policy, rt_over, limit
         )
     return {"wall_s": walls, "eval": evals}
 
 
-def _eval(base: Path, out: Path, reference: Path, policies: list[str], extra: list[str]):
+def _eval(base: Path, out: Path, reference: Path, policies: list[str], extra: list[str], timeout):
     args = ["eval", "--config", str(base), "--reference", str(reference)]
     for policy in policies:
         args += ["--policy", policy]
     args += ["--out", str(out.with_suffix(".json")), *extra]
-    wall = run_step(args, log_path=out.with_suffix(".log"))
+    wall = run_step(args, log_path=out.with_suffix(".log"), timeout=timeout)
     return json.loads(out.with_suffix(".json").read_text()), wall
 
 
@@ -424,7 +420,9 @@ def run_experiment(config_path: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    run_experiment(args.config, args.overrides)
+    # SIGTERM (a Slurm cancel, a test's timeout) still kills the running step's group
+    with exit_on_sigterm():
+        run_experiment(args.config, args.overrides)
     return 0
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from megatron_pwdpo.launch import free_port, python_command, run_group
 
 # A tiny model and run: 2 layers, width 64, on the shipped HH-RLHF slice.
 TINY = [
@@ -31,11 +29,7 @@ TINY = [
     "train.progress=false",
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_free_port = free_port  # the name some tests import
 
 
 def run_cli(
@@ -46,31 +40,16 @@ def run_cli(
     check: bool = True,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``megatron-pwdpo ARGS`` in one process, or under torchrun with ``nproc``."""
+    """Run ``megatron-pwdpo ARGS`` in one process, or under torchrun with ``nproc``.
+
+    In its own process group, killed when it ends (``launch.run_group``): an orphaned
+    torch_dist writer never outlives the test. Fails the test on a timeout and, with
+    ``check``, on a non-zero exit.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_pwdpo.cli", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={_free_port()}",
-            "-m",
-            "megatron_pwdpo.cli",
-            *args,
-        ]
-    # Own session and files, not pipes: a process killed on purpose can leave a
-    # grandchild (torch_dist's writer manager) holding pipes open; it is killed below.
+    cmd = python_command(["-m", "megatron_pwdpo.cli", *args], nproc=nproc)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
-        try:
-            code = child.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
+        code = run_group(cmd, stdout=out, stderr=err, env=env, timeout=timeout)
         out.seek(0)
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
