@@ -75,6 +75,7 @@ def run_group(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     grace: float = 5.0,
+    cwd: str | os.PathLike | None = None,
 ) -> int | None:
     """Run ``cmd`` in its own process group; kill the group when it ends.
 
@@ -87,6 +88,7 @@ def run_group(
         timeout: seconds before the group is stopped; ``None`` waits as long as it runs.
         grace: after a timeout, seconds between ``SIGTERM`` (which lets a nested
             launcher stop its own groups, see :func:`exit_on_sigterm`) and ``SIGKILL``.
+        cwd: the child's working directory (default: this process's).
 
     Returns:
         The child's exit code (negative: killed by that signal), ``None`` on timeout.
@@ -98,6 +100,7 @@ def run_group(
         stdout=stdout,
         stderr=stderr,
         env=None if env is None else dict(env),
+        cwd=cwd,
         start_new_session=True,  # pgid == child.pid
     )
     try:

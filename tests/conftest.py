@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_pwdpo.launch import free_port, python_command, run_group
+from megatron_pwdpo.launch import python_command, run_group
 
 # A tiny model and run: 2 layers, width 64, on the shipped HH-RLHF slice.
 TINY = [
@@ -29,8 +29,6 @@ TINY = [
     "train.progress=false",
 ]
 
-_free_port = free_port  # the name some tests import
-
 
 def run_cli(
     args: list[str],
@@ -46,10 +44,25 @@ def run_cli(
     torch_dist writer never outlives the test. Fails the test on a timeout and, with
     ``check``, on a non-zero exit.
     """
+    program = ["-m", "megatron_pwdpo.cli", *args]
+    return run_python(program, nproc=nproc, timeout=timeout, check=check, env=env)
+
+
+def run_python(
+    program: list[str],
+    *,
+    nproc: int = 1,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess:
+    """``python PROGRAM`` (``[script, *args]`` or ``["-m", module, *args]``) as
+    :func:`run_cli` runs the CLI, with ``OMP_NUM_THREADS=1``; in ``cwd`` if given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = python_command(["-m", "megatron_pwdpo.cli", *args], nproc=nproc)
+    cmd = python_command(program, nproc=nproc)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = run_group(cmd, stdout=out, stderr=err, env=env, timeout=timeout)
+        code = run_group(cmd, stdout=out, stderr=err, env=env, timeout=timeout, cwd=cwd)
         out.seek(0)
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 pytestmark = pytest.mark.dist
 
@@ -17,15 +18,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_gpu_benchmark_runs_end_to_end_on_cpu():
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "gpu.py"), "--cpu-dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=BENCH,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_python([str(BENCH / "gpu.py"), "--cpu-dry-run"], cwd=BENCH)
     assert "nothing measured, nothing written" in proc.stdout
     row = re.search(r"^\| bf16 \| (\d+) \| 1\.00x \| ([\d.]+)% \|", proc.stdout, re.M)
     assert row and int(row.group(1)) > 0 and float(row.group(2)) > 0, proc.stdout

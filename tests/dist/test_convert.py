@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,12 +99,6 @@ def _save_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Build, save and run the HF models; launch the 2-rank worker once."""
@@ -125,21 +118,9 @@ def work(tmp_path_factory):
         model.save_pretrained(root / name / "hf")
         assert (root / name / "hf" / "model.safetensors").is_file()
     _save_tokenizer(root / TRAINED / "hf")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={_free_port()}",
-        __file__,
-        str(root),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        pytest.fail(
-            f"worker exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
+    from conftest import run_python  # (not at the top: torchrun runs this file as a script)
+
+    run_python([__file__, str(root)], nproc=2, timeout=240)
     return root
 
 

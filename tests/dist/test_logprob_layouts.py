@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import TINY, _free_port
+from conftest import TINY, run_python
 
 pytestmark = pytest.mark.dist
 
@@ -143,20 +143,5 @@ SCRIPT = textwrap.dedent(
 def test_chunked_and_thd_log_probs_equal_the_plain_ones(tmp_path, tp):
     script = tmp_path / "layouts.py"
     script.write_text(SCRIPT)
-    launcher = [sys.executable]
-    if tp > 1:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={tp}",
-            f"--master-port={_free_port()}",
-        ]
-    proc = subprocess.run(
-        [*launcher, str(script), str(tp), *TINY, f"parallel.tensor_parallel={tp}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    proc = run_python([str(script), str(tp), *TINY, f"parallel.tensor_parallel={tp}"], nproc=tp)
     assert proc.stdout.count("layouts ok") == tp

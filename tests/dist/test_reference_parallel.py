@@ -19,7 +19,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import TINY, read_metrics, run_cli, train_curve
+from conftest import TINY, read_metrics, run_cli, run_python, train_curve
 
 pytestmark = pytest.mark.dist
 
@@ -212,12 +212,5 @@ def test_offload_pass_on_a_megatron_model_is_bitwise_neutral(setup, tmp_path):
     script = tmp_path / "offload_check.py"
     script.write_text(OFFLOAD_SCRIPT)
     overrides = [a for a in args if a.startswith(("model.", "data."))]
-    proc = subprocess.run(
-        [sys.executable, str(script), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_python([str(script), *overrides], timeout=180)
     assert "offload ok" in proc.stdout

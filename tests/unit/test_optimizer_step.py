@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, _free_port
+from conftest import TINY
 
 from megatron_pwdpo import cpu_bridge, distributed
 from megatron_pwdpo.cli import DEFAULT_CONFIG
 from megatron_pwdpo.config import load_config
+from megatron_pwdpo.launch import free_port
 from megatron_pwdpo.training_setup import build_chunks, build_optimizer, optimizer_step
 
 STEPS = 2
@@ -31,7 +32,7 @@ def mopt():
             ("WORLD_SIZE", "1"),
             ("LOCAL_RANK", "0"),
             ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(_free_port())),
+            ("MASTER_PORT", str(free_port())),
         ]:
             mp.setenv(key, value)
         distributed.init_distributed(
