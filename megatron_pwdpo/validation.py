@@ -89,9 +89,11 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
         "spec refuses PackedSeqParams): use data.packing=masked on CPU",
     )
     _require(
-        d.packing != "thd" or not p.virtual_pipeline,
-        "data.packing=thd with parallel.virtual_pipeline is not supported (the interleaved "
-        "schedule exchanges activations of one fixed shape): use one of them",
+        d.packing == "none" or not p.virtual_pipeline,
+        f"data.packing={d.packing} with parallel.virtual_pipeline is not supported: the "
+        "interleaved schedule needs a fixed number of micro-batches per step (a multiple "
+        "of pipeline_parallel), and packed rows fill a data-dependent number; use one of "
+        "them",
     )
     _require(
         p.logprob_chunk_size >= 0,

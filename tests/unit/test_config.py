@@ -71,6 +71,16 @@ def test_parse_overrides():
             ),
         ),
         (["parallel.logprob_chunk_size=-1"], "parallel.logprob_chunk_size: must be >= 0"),
+        pytest.param(
+            [
+                "data.packing=masked",
+                "model.num_layers=4",
+                "parallel.pipeline_parallel=2",
+                "parallel.virtual_pipeline=2",
+            ],
+            "data.packing=masked with parallel.virtual_pipeline is not supported",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="masked is CPU's"),
+        ),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, message):
