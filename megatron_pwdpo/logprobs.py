@@ -8,8 +8,8 @@ token is simply its negative: the full ``[b, s, V]`` logits never exist on one r
 
 Packed rows reach the model in one of two layouts (``data.packing``): a block-diagonal
 ``attention_mask`` (CPU), or Megatron's ``PackedSeqParams(qkv_format="thd")`` for
-Transformer Engine, with which the ``[b, s]`` batch runs as one ``[1, b * s]`` sequence
-whose rows are delimited by ``cu_seqlens`` (:func:`packed_seq_params`).
+Transformer Engine: the micro-batch is one ``[1, T]`` sequence whose rows are delimited
+by ``cu_seqlens`` (:func:`packed_seq_params`).
 
 Per-sample reductions then run over the response mask (``loss_mask``, 1 on response
 targets, 0 on prompt and padding) and, for packed sequences, over segment ids, each in
@@ -45,7 +45,7 @@ def model_token_logps(
             with True where attention is *not* allowed (packed rows).
         packed_seq_params: ``PackedSeqParams`` of a THD-packed batch
             (:func:`packed_seq_params`; then ``attention_mask`` is None): the batch runs
-            as one ``[1, b * s]`` sequence.
+            as one ``[1, b * s]`` sequence (``b`` is 1 for ``data.packing.pack_rows``).
 
     Returns:
         ``[b, s]`` float32 log pi(target_t | tokens_<=t) on the last stage.
@@ -64,8 +64,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
     """Megatron's THD ``PackedSeqParams`` for self-attention over packed rows.
 
     Args:
-        cu_seqlens: ``[k+1]`` int32 boundaries of the rows (and padding runs) of the
-            flattened ``[b * s]`` batch, on the model's device.
+        cu_seqlens: ``[k+1]`` int32 boundaries of the rows (and the padding run) of the
+            flattened batch, on the model's device.
         max_seqlen: the longest run (a Python int: no device sync).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
