@@ -223,6 +223,9 @@ def optimizer_step(optimizer, *, loss_is_finite: bool) -> tuple[bool, float]:
                 params,
                 max_norm=part.config.clip_grad,
                 total_norm=norm,
-                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                # (a property of 0.16's OptimizerConfig; False for build_optimizer's config)
+                use_decoupled_grad=getattr(
+                    part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+                ),
             )
     return bool(optimizer.step_with_ready_grads()), grad_norm
