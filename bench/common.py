@@ -408,6 +408,17 @@ def write_result(name: str, result: dict, out: str | Path | None = None) -> Path
     return path
 
 
+SUMMARY_HEADER = ["benchmark", "measured", "ratio", "target", "met"]
+
+
+def report(name: str, result: dict, rows: Sequence[Sequence[Any]], out=None) -> Path:
+    """Write ``result`` (:func:`write_result`), print its summary ``rows`` as a table
+    under :data:`SUMMARY_HEADER`; the written path."""
+    path = write_result(name, result, out)
+    print(table(rows, SUMMARY_HEADER))
+    return path
+
+
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

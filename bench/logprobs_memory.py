@@ -36,10 +36,9 @@ from common import (
     MemoryTracker,
     bench_config,
     common_args,
+    report,
     run_workers,
     set_threads,
-    table,
-    write_result,
     write_worker_result,
 )
 
@@ -223,8 +222,7 @@ def main(argv=None) -> dict:
         worker(args.worker, args.batch, args.seq, args.steps, args.json_out)
         return {}
     result = measure(1 if args.quick else args.steps)
-    path = write_result("logprobs_memory", result, args.out)
-    print(table(summary_rows(result), ["benchmark", "measured", "ratio", "target", "met"]))
+    path = report("logprobs_memory", result, summary_rows(result), args.out)
     print(f"wrote {path}")
     return result
 

@@ -31,12 +31,11 @@ from common import (
     global_batches,
     median,
     ratio_of_rounds,
+    report,
     row_tokens,
     session,
     set_threads,
-    table,
     with_packing,
-    write_result,
 )
 
 
@@ -136,8 +135,7 @@ def main(argv=None) -> dict:
     else:
         plan = [(16, args.rounds or 6), (64, max(2, (args.rounds or 6) // 2))]
     result = measure(plan)
-    path = write_result("packing", result, args.out)
-    print(table(summary_rows(result), ["benchmark", "measured", "ratio", "target", "met"]))
+    path = report("packing", result, summary_rows(result), args.out)
     print(f"wrote {path}")
     return result
 

@@ -33,11 +33,10 @@ from common import (
     median,
     num_parameters,
     ratio_of_rounds,
+    report,
     run_workers,
     session,
     set_threads,
-    table,
-    write_result,
     write_worker_result,
 )
 
@@ -234,8 +233,7 @@ def main(argv=None) -> dict:
         return {}
     rounds = args.rounds or (2 if args.quick else 8)
     result = measure(rounds, 1 if args.quick else args.steps)
-    path = write_result("reference", result, args.out)
-    print(table(summary_rows(result), ["benchmark", "measured", "ratio", "target", "met"]))
+    path = report("reference", result, summary_rows(result), args.out)
     print(f"wrote {path}")
     return result
 

@@ -21,7 +21,7 @@ import packing
 import reference
 import trl_compare
 import ulma_flops
-from common import REPO, RESULTS, machine, table
+from common import REPO, RESULTS, SUMMARY_HEADER, machine, table
 
 BENCHMARKS = {
     "packing": packing,
@@ -30,7 +30,6 @@ BENCHMARKS = {
     "logprobs_memory": logprobs_memory,
     "trl_compare": trl_compare,
 }
-HEADER = ["benchmark", "measured", "ratio", "target", "met"]
 
 
 def main(argv=None) -> int:
@@ -69,14 +68,14 @@ def main(argv=None) -> int:
         if name in results and "skipped" not in results[name]
         for row in BENCHMARKS[name].summary_rows(results[name])
     ]
-    text = table(rows, HEADER)
+    text = table(rows, SUMMARY_HEADER)
     wall = round(time.perf_counter() - start, 1)
     summary = {
         "machine": machine(),
         "wall_s": wall,
         "wall_s_per_benchmark": walls,
         "quick": args.quick,
-        "table": [dict(zip(HEADER, (str(c) for c in row), strict=True)) for row in rows],
+        "table": [dict(zip(SUMMARY_HEADER, (str(c) for c in row), strict=True)) for row in rows],
         "results": results,
         "failed": failed,
     }

@@ -37,11 +37,10 @@ from common import (
     global_batches,
     median,
     ratio_of_rounds,
+    report,
     run_workers,
     session,
     set_threads,
-    table,
-    write_result,
     write_worker_result,
 )
 
@@ -376,8 +375,7 @@ def main(argv=None) -> dict:
         return {}
     rounds = args.rounds or (2 if args.quick else 5)
     result = measure(rounds, 1 if args.quick else args.steps)
-    path = write_result("trl_compare", result, args.out)
-    print(table(summary_rows(result), ["benchmark", "measured", "ratio", "target", "met"]))
+    path = report("trl_compare", result, summary_rows(result), args.out)
     print(f"wrote {path}")
     return result
 

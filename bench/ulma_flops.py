@@ -27,11 +27,11 @@ from common import (
     forward_flops,
     global_batches,
     median,
+    report,
     row_tokens,
     session,
     set_threads,
     table,
-    write_result,
 )
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -143,8 +143,7 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 6)
     result = measure(rounds)
-    path = write_result("ulma_flops", result, args.out)
-    print(table(summary_rows(result), ["benchmark", "measured", "ratio", "target", "met"]))
+    path = report("ulma_flops", result, summary_rows(result), args.out)
     rows = [
         [
             x["demo_share_rows"],
