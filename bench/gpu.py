@@ -148,6 +148,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a fixed number of decimals would turn a
+    small achieved rate (the CPU dry run's ~0.005 TFLOP/s) into 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def worker(args) -> None:
     import torch
 
@@ -205,9 +211,9 @@ def worker(args) -> None:
             "median_step_s": round(step, 4),
             "median_reference_forward_s": round(ref, 4),
             "tokens_per_s_per_gpu": round(tokens / step, 1),
-            "policy_tflops_per_s": round(3 * fwd / (step - ref) / 1e12, 2),
-            "reference_tflops_per_s": round(fwd / ref / 1e12, 2),
-            "step_tflops_per_s": round(4 * fwd / step / 1e12, 2),
+            "policy_tflops_per_s": _significant(3 * fwd / (step - ref) / 1e12),
+            "reference_tflops_per_s": _significant(fwd / ref / 1e12),
+            "step_tflops_per_s": _significant(4 * fwd / step / 1e12),
             "peak_bf16_tflops": bf16_peak,
             "peak_fp8_tflops": fp8_peak,
             "max_memory_allocated_gib": round(
@@ -218,9 +224,9 @@ def worker(args) -> None:
         for key in ("policy", "reference", "step"):
             achieved = result[f"{key}_tflops_per_s"]
             if bf16_peak:
-                result[f"{key}_mfu_vs_bf16_peak"] = round(achieved / bf16_peak, 4)
+                result[f"{key}_mfu_vs_bf16_peak"] = _significant(achieved / bf16_peak)
             if fp8_peak and args.worker != "bf16":
-                result[f"{key}_mfu_vs_fp8_peak"] = round(achieved / fp8_peak, 4)
+                result[f"{key}_mfu_vs_fp8_peak"] = _significant(achieved / fp8_peak)
     write_worker_result(args.json_out, result)
 
 
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
     if args.cpu_dry_run:
         args.model, args.seq, args.micro, args.global_batch = "tiny", 128, 2, 4
         args.steps, args.warmup, args.precisions, args.dtype = 2, 1, "bf16", "fp32"
-        args.peak_tflops = args.peak_tflops or 1.0  # any peak: exercises the MFU arithmetic
+        # a 1 GFLOP/s "peak": exercises the MFU arithmetic with percentages far from 0 on any CPU
+        args.peak_tflops = args.peak_tflops or 1e-3
     elif not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
         return 0
