@@ -76,6 +76,14 @@ def run_python(
     return proc
 
 
+def save_initial_weights(model_args: list[str], run_dir: Path) -> Path:
+    """Train for 0 steps to save ``model_args``' initial weights (a torch_dist checkpoint).
+    Runs that load it (``train.init_checkpoint``) start from the same numbers whatever their
+    layout: pipeline stages draw their layers from another point of the RNG stream."""
+    run_cli(["train", *model_args, "train.sft_steps=0", "train.steps=0", f"run_dir={run_dir}"])
+    return run_dir / "checkpoints"
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

@@ -9,7 +9,14 @@ single-process run.
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_same_curves, read_metrics, run_cli, train_curve
+from conftest import (
+    TINY,
+    assert_same_curves,
+    read_metrics,
+    run_cli,
+    save_initial_weights,
+    train_curve,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -19,9 +26,7 @@ ARGS = ["train", *FOUR_LAYERS, "train.sft_steps=2", "train.steps=2"]
 
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("init")
-    run_cli(["train", *FOUR_LAYERS, "train.sft_steps=0", "train.steps=0", f"run_dir={run_dir}"])
-    return run_dir / "checkpoints"
+    return save_initial_weights(FOUR_LAYERS, tmp_path_factory.mktemp("init"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import TINY, read_metrics, run_cli, run_python, train_curve
+from conftest import TINY, read_metrics, run_cli, run_python, save_initial_weights, train_curve
 
 pytestmark = pytest.mark.dist
 
@@ -35,10 +35,9 @@ def setup(tmp_path_factory, request):
         head = [next(f) for _ in range(60)]
     with gzip.open(data, "wt") as f:
         f.writelines(head)
-    common = [*TINY, f"data.path={data}", "train.sft_steps=0"]
-    run_cli(["train", *common, "train.steps=0", f"run_dir={root / 'init'}"])
-    args = [*common, f"train.init_checkpoint={root / 'init' / 'checkpoints'}"]
-    return root, args
+    common = [*TINY, f"data.path={data}"]
+    initial = save_initial_weights(common, root / "init")
+    return root, [*common, "train.sft_steps=0", f"train.init_checkpoint={initial}"]
 
 
 def _train(args, run_dir, *extra, nproc=1, check=True, env=None):

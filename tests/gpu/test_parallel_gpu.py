@@ -4,7 +4,7 @@ They need 2 GPUs; the CPU tests cover the same comparisons with the local spec."
 
 import pytest
 import torch
-from conftest import TINY, assert_same_curves, run_cli
+from conftest import TINY, assert_same_curves, run_cli, save_initial_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,9 +16,7 @@ ARGS = ["train", *TINY, "train.sft_steps=2", "train.steps=2"]
 
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("init")
-    run_cli(["train", *TINY, "train.sft_steps=0", "train.steps=0", f"run_dir={run_dir}"])
-    return run_dir / "checkpoints"
+    return save_initial_weights(TINY, tmp_path_factory.mktemp("init"))
 
 
 @pytest.fixture(scope="module")
