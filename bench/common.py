@@ -413,9 +413,10 @@ SUMMARY_HEADER = ["benchmark", "measured", "ratio", "target", "met"]
 
 def report(name: str, result: dict, rows: Sequence[Sequence[Any]], out=None) -> Path:
     """Write ``result`` (:func:`write_result`), print its summary ``rows`` as a table
-    under :data:`SUMMARY_HEADER`; the written path."""
+    under :data:`SUMMARY_HEADER` and where it was written; the written path."""
     path = write_result(name, result, out)
     print(table(rows, SUMMARY_HEADER))
+    print(f"wrote {path}")
     return path
 
 

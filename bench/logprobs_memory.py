@@ -222,8 +222,7 @@ def main(argv=None) -> dict:
         worker(args.worker, args.batch, args.seq, args.steps, args.json_out)
         return {}
     result = measure(1 if args.quick else args.steps)
-    path = report("logprobs_memory", result, summary_rows(result), args.out)
-    print(f"wrote {path}")
+    report("logprobs_memory", result, summary_rows(result), args.out)
     return result
 
 

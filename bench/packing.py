@@ -135,8 +135,7 @@ def main(argv=None) -> dict:
     else:
         plan = [(16, args.rounds or 6), (64, max(2, (args.rounds or 6) // 2))]
     result = measure(plan)
-    path = report("packing", result, summary_rows(result), args.out)
-    print(f"wrote {path}")
+    report("packing", result, summary_rows(result), args.out)
     return result
 
 

@@ -375,8 +375,7 @@ def main(argv=None) -> dict:
         return {}
     rounds = args.rounds or (2 if args.quick else 5)
     result = measure(rounds, 1 if args.quick else args.steps)
-    path = report("trl_compare", result, summary_rows(result), args.out)
-    print(f"wrote {path}")
+    report("trl_compare", result, summary_rows(result), args.out)
     return result
 
 

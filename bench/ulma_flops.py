@@ -143,7 +143,6 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 6)
     result = measure(rounds)
-    path = report("ulma_flops", result, summary_rows(result), args.out)
     rows = [
         [
             x["demo_share_rows"],
@@ -159,7 +158,7 @@ def main(argv=None) -> dict:
             rows, ["demo share", "demo token share", "ref positions", "FLOPs saved", "time saved"]
         )
     )
-    print(f"wrote {path}")
+    report("ulma_flops", result, summary_rows(result), args.out)
     return result
 
 
