@@ -74,6 +74,24 @@ def _field_error(name: str, message: str, *, path: str | os.PathLike[str], line:
     return DataError(f"field '{name}': {message}", path=path, line=line)
 
 
+def require_object(obj: Any, *, path: str | os.PathLike[str], line: int) -> dict[str, Any]:
+    """``obj`` if it is a JSON object (a dict), else a `DataError` at ``path:line``."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    return obj
+
+
+def string_field(obj: dict[str, Any], name: str, *, path: str | os.PathLike[str], line: int) -> str:
+    """``obj[name]`` if present and a string, else a `DataError` that names the field at
+    ``path:line``."""
+    if name not in obj:
+        raise _field_error(name, "missing", path=path, line=line)
+    if not isinstance(obj[name], str):
+        msg = f"expected a string, got {type(obj[name]).__name__}"
+        raise _field_error(name, msg, path=path, line=line)
+    return obj[name]
+
+
 def _check_prompt(prompt: Any, *, path: str | os.PathLike[str], line: int) -> Prompt:
     if isinstance(prompt, str):
         return prompt
@@ -117,15 +135,12 @@ def validate_row(obj: Any, *, path: str | os.PathLike[str], line: int) -> Pointw
         DataError: a field is missing or has the wrong type, the label is NaN, infinite
             or outside [0, 1], the response is empty, or kind is not demo/feedback.
     """
-    if not isinstance(obj, dict):
-        raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    require_object(obj, path=path, line=line)
     for name in ("id", "prompt", "response", "label", "kind"):
         if name not in obj:
             raise _field_error(name, "missing", path=path, line=line)
     for name in ("id", "response", "kind"):
-        if not isinstance(obj[name], str):
-            msg = f"expected a string, got {type(obj[name]).__name__}"
-            raise _field_error(name, msg, path=path, line=line)
+        string_field(obj, name, path=path, line=line)
     if not obj["id"]:
         raise _field_error("id", "is empty", path=path, line=line)
     if not obj["response"].strip():

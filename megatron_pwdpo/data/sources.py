@@ -29,7 +29,13 @@ from typing import Any, Literal
 import numpy as np
 
 from megatron_pwdpo.data.records import iter_records
-from megatron_pwdpo.data.schema import DataError, PairwiseRow, PointwiseRow
+from megatron_pwdpo.data.schema import (
+    DataError,
+    PairwiseRow,
+    PointwiseRow,
+    require_object,
+    string_field,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +70,7 @@ class _HHPair:
 
 
 def _split_field(obj: dict[str, Any], name: str, *, path: str, line: int) -> tuple[str, str]:
-    if name not in obj:
-        raise DataError(f"field '{name}': missing", path=path, line=line)
-    text = obj[name]
-    if not isinstance(text, str):
-        msg = f"field '{name}': expected a string, got {type(text).__name__}"
-        raise DataError(msg, path=path, line=line)
+    text = string_field(obj, name, path=path, line=line)
     try:
         return split_transcript(text)
     except ValueError as e:
@@ -83,9 +84,7 @@ def _iter_hh_pairs(
     path = str(path)
     skipped: list[int] = []
     for index, (line, obj) in enumerate(iter_records(path, split=split)):
-        if not isinstance(obj, dict):
-            msg = f"expected a JSON object, got {type(obj).__name__}"
-            raise DataError(msg, path=path, line=line)
+        require_object(obj, path=path, line=line)
         chosen = _split_field(obj, "chosen", path=path, line=line)
         rejected = _split_field(obj, "rejected", path=path, line=line)
         sides = (("chosen", chosen), ("rejected", rejected))

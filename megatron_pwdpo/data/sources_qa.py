@@ -35,7 +35,14 @@ import os
 from typing import Any
 
 from megatron_pwdpo.data.records import iter_records
-from megatron_pwdpo.data.schema import DataError, PairwiseRow, PointwiseRow, Prompt
+from megatron_pwdpo.data.schema import (
+    DataError,
+    PairwiseRow,
+    PointwiseRow,
+    Prompt,
+    require_object,
+    string_field,
+)
 
 PREFERENCE_ORDER: tuple[tuple[int, int], ...] = ((1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4))
 NUM_PREDICTIONS = 4
@@ -65,22 +72,10 @@ def render_qa_prompt(question: str, passages: list[list[str]]) -> Prompt:
     return [{"role": "user", "content": content}]
 
 
-def _text(obj: dict[str, Any], name: str, *, path: str, line: int) -> str:
-    if name not in obj:
-        raise DataError(f"field '{name}': missing", path=path, line=line)
-    value = obj[name]
-    if not isinstance(value, str):
-        msg = f"field '{name}': expected a string, got {type(value).__name__}"
-        raise DataError(msg, path=path, line=line)
-    return value
-
-
 def _check_item(obj: Any, *, path: str, line: int) -> tuple[Prompt, list[str], list[int]]:
     """(prompt, [prediction 1..4], preference) of one item, or a `DataError`."""
-    if not isinstance(obj, dict):
-        msg = f"expected a JSON object, got {type(obj).__name__}"
-        raise DataError(msg, path=path, line=line)
-    question = _text(obj, "question", path=path, line=line)
+    require_object(obj, path=path, line=line)
+    question = string_field(obj, "question", path=path, line=line)
     passages = obj.get("passages")
     if not isinstance(passages, list) or not all(
         isinstance(p, list) and p and all(isinstance(s, str) for s in p) for p in passages
@@ -88,7 +83,8 @@ def _check_item(obj: Any, *, path: str, line: int) -> tuple[Prompt, list[str], l
         msg = "field 'passages': expected a list of [title, sentence, ...] string lists"
         raise DataError(msg, path=path, line=line)
     predictions = [
-        _text(obj, f"prediction {k}", path=path, line=line) for k in range(1, NUM_PREDICTIONS + 1)
+        string_field(obj, f"prediction {k}", path=path, line=line)
+        for k in range(1, NUM_PREDICTIONS + 1)
     ]
     preference = obj.get("preference")
     if (
@@ -146,7 +142,7 @@ def qa_feedback_rows(
         prompt, predictions, preference = _check_item(obj, path=path, line=line)
         stem = f"qa-{index:05d}"
         if demonstrations:
-            gold = _text(obj, "gold", path=path, line=line)
+            gold = string_field(obj, "gold", path=path, line=line)
             if not gold.strip():
                 raise DataError("field 'gold': is empty", path=path, line=line)
             rows.append(PointwiseRow(f"{stem}-gold", prompt, gold, 1.0, "demo"))

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from megatron_pwdpo.data.records import iter_records
-from megatron_pwdpo.data.schema import DataError, PointwiseRow
+from megatron_pwdpo.data.schema import DataError, PointwiseRow, require_object, string_field
 from megatron_pwdpo.data.sources import ASSISTANT_TAG, split_transcript
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,8 @@ def _number(obj: dict[str, Any], name: str, *, path: str, line: int) -> float:
 
 
 def _transcript(obj: Any, *, path: str, line: int) -> tuple[str, str]:
-    if not isinstance(obj, dict):
-        msg = f"expected a JSON object, got {type(obj).__name__}"
-        raise DataError(msg, path=path, line=line)
-    text = obj.get("transcript")
-    if text is None:
-        raise DataError("field 'transcript': missing", path=path, line=line)
-    if not isinstance(text, str):
-        msg = f"field 'transcript': expected a string, got {type(text).__name__}"
-        raise DataError(msg, path=path, line=line)
+    obj = require_object(obj, path=path, line=line)
+    text = string_field(obj, "transcript", path=path, line=line)
     try:
         return split_red_team_transcript(text)
     except ValueError as e:
