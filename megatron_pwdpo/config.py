@@ -336,6 +336,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 _PATH_KEYS = (("data", "path"), ("data", "tokenizer"))
 
 
+def resolve_file_paths(tree: dict[str, Any], folder: Path) -> None:
+    """Make the relative ``data.path`` / ``data.tokenizer`` of a config file's ``tree``
+    relative to the file's ``folder`` (in place). A Hub dataset (``hf:OWNER/NAME``) is a
+    name, not a path, and is left alone."""
+    from megatron_pwdpo.data.records import HUB_PREFIX
+
+    for section, key in _PATH_KEYS:
+        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+        relative = isinstance(value, str) and not Path(value).is_absolute()
+        if relative and not value.startswith(HUB_PREFIX):
+            tree[section][key] = str((folder / value).resolve())
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML file (or the defaults), apply overrides, validate.
 
@@ -353,10 +366,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: invalid YAML ({err})".replace("\n", " ")) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        for section, key in _PATH_KEYS:
-            value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
-            if isinstance(value, str) and not Path(value).is_absolute():
-                tree[section][key] = str((path.parent / value).resolve())
+        resolve_file_paths(tree, path.parent)
         if isinstance(tree.get("run_dir"), str) and not Path(tree["run_dir"]).is_absolute():
             tree["run_dir"] = str(Path.cwd() / tree["run_dir"])
     tree = _merge(tree, parse_overrides(list(overrides)))

@@ -40,7 +40,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from megatron_pwdpo.config import ConfigError, _merge, load_config, parse_overrides
+from megatron_pwdpo.config import (
+    ConfigError,
+    _merge,
+    load_config,
+    parse_overrides,
+    resolve_file_paths,
+)
 from megatron_pwdpo.launch import exit_on_sigterm, python_command, run_group
 
 METHODS = ("sft", "dpo", "pointwise_dpo", "kto", "ulma")
@@ -76,10 +82,7 @@ def load_experiment(path: Path, overrides: list[str]) -> tuple[dict[str, Any], d
     bad = [m for m in exp["methods"] if m not in METHODS]
     if bad or "sft" not in exp["methods"]:
         raise ConfigError(f"experiment.methods: must include 'sft', from {list(METHODS)}")
-    for key in ("path", "tokenizer"):
-        value = tree.get("data", {}).get(key)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            tree["data"][key] = str((Path(path).parent / value).resolve())
+    resolve_file_paths(tree, Path(path).parent)
     exp["run_dir"] = str(Path(exp["run_dir"]).resolve())
     if not exp["seeds"]:
         raise ConfigError("experiment.seeds: give at least one seed")

@@ -132,3 +132,12 @@ def test_cli_prints_one_line_and_exits_2(capsys):
 
 def test_defaults_are_valid():
     validate(RunConfig())
+
+
+def test_file_paths_resolve_against_the_file_but_hub_names_stay(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "data:\n  source: pointwise\n  path: hf:someone/rows\n  tokenizer: tok.model\n"
+    )
+    config = load_config(tmp_path / "run.yaml")
+    assert config.data.path == "hf:someone/rows"
+    assert config.data.tokenizer == str(tmp_path / "tok.model")
