@@ -15,8 +15,11 @@ from the previous complete checkpoint. Only the newest ``keep`` training checkpo
 are kept. torch_dist reshards on load, so a checkpoint written at TP=2 loads at TP=1
 or PP=2; the RNG states are restored only on the layout that wrote them.
 
-Loading never unpickles arbitrary objects: torch_dist tensors are read as tensors, and
-the ``common`` state is loaded with ``torch.load(weights_only=True)`` by Megatron.
+Load only checkpoints you trust, as with any PyTorch checkpoint: tensors are read as
+tensors, but torch_dist stores sharded objects (the RNG states, each layer's
+``_extra_state``) as pickled bytes, and ``torch.distributed.checkpoint`` unpickles them
+with ``weights_only=False``. (Weights from Hugging Face come in through safetensors only:
+``convert hf-to-mcore`` refuses pickled ``*.bin`` files.)
 """
 
 from __future__ import annotations
