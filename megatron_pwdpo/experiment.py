@@ -179,6 +179,22 @@ def red_team_overrides(exp: dict[str, Any], fixture: Path) -> list[str]:
 # --------------------------------------------------------------------------- running
 
 
+def check_runs(exp: dict[str, Any], tree: dict[str, Any], base: Path, fixture: Path) -> None:
+    """Every training run of the experiment is a valid config at its world size
+    (``experiment.nproc``): a bad combination fails before hours of earlier runs, not after.
+
+    Raises:
+        ConfigError: naming the first bad key (as ``train`` would).
+    """
+    from megatron_pwdpo.validation import validate
+
+    runs = [method_overrides(m, exp, tree) for m in exp["methods"]]
+    if exp["red_team"]["steps"] > 0:
+        runs.append(red_team_overrides(exp, fixture))
+    for overrides in runs:
+        validate(load_config(base, overrides), world_size=exp["nproc"])
+
+
 def run_step(
     args: list[str], *, log_path: Path, nproc: int = 1, timeout: float | None = None
 ) -> float:
@@ -400,9 +416,10 @@ def run_experiment(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base.yaml"
     base.write_text(yaml.safe_dump(tree, sort_keys=False))
-    load_config(base, method_overrides("dpo", exp, tree))  # fail early on a bad config
+    fixture = root / "red_team_fixture.jsonl"
+    check_runs(exp, tree, base, fixture)
     if exp["red_team"]["steps"] > 0:
-        write_red_team_fixture(root / "red_team_fixture.jsonl", records=exp["red_team"]["records"])
+        write_red_team_fixture(fixture, records=exp["red_team"]["records"])
     per_seed = {seed: run_seed(base, exp, tree, seed) for seed in exp["seeds"]}
     # the sum of every run's recorded wall time, also when a repeat skips finished runs
     total = sum(sum(r["wall_s"].values()) for r in per_seed.values())

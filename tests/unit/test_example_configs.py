@@ -1,6 +1,8 @@
 """Every example config loads and validates for the world its name encodes
 (``llama3-8b-2n8g-tp4pp2-bf16``: 2 nodes x 8 GPUs, TP=4, PP=2), and the H100 ones fit in
-80 GB per GPU by the estimate of README's "Sizing" section (:func:`memory_per_gpu`)."""
+80 GB per GPU by the estimate of README's "Sizing" section (:func:`memory_per_gpu`).
+The experiment configs under ``examples/reproduce`` are valid for every run they start, at
+the world size they run at (``experiment.nproc``)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megatron_pwdpo import precision
-from megatron_pwdpo.config import RunConfig, load_config
+from megatron_pwdpo.config import ConfigError, RunConfig, load_config
+from megatron_pwdpo.experiment import check_runs, load_experiment
 from megatron_pwdpo.model import padded_vocab_size
 from megatron_pwdpo.validation import validate
 
@@ -97,3 +101,24 @@ def test_fp8_config_differs_from_bf16_only_in_precision(bf16, on_an_h100_node):
     a = load_config(bf16)
     b = load_config(bf16.with_name(bf16.name.replace("-bf16", "-fp8")))
     assert dataclasses.replace(b, run_dir=a.run_dir, precision=a.precision) == a
+
+
+def _check_experiment(path: Path, tmp_path: Path, overrides=()) -> tuple[dict, dict]:
+    exp, tree = load_experiment(path, list(overrides))
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tree, sort_keys=False))
+    check_runs(exp, tree, base, tmp_path / "red_team_fixture.jsonl")
+    return exp, tree
+
+
+def test_every_run_of_the_tiny_experiment_validates_on_cpu(tmp_path):
+    exp, _ = _check_experiment(EXAMPLES / "reproduce" / "tiny.yaml", tmp_path)
+    assert exp["red_team"]["steps"] > 0 and {"sft", "dpo", "ulma"} <= set(exp["methods"])
+
+
+def test_every_run_of_the_paper_experiment_validates_on_8_gpus(tmp_path, on_an_h100_node):
+    paper = EXAMPLES / "reproduce" / "paper.yaml"
+    exp, tree = _check_experiment(paper, tmp_path, ["experiment.red_team.steps=1"])
+    assert exp["nproc"] == 8 and tree["precision"]["dtype"] == "bf16"
+    with pytest.raises(ConfigError, match="world size 4"):  # TP=8 cannot run on 4 ranks
+        _check_experiment(paper, tmp_path, ["experiment.nproc=4"])
