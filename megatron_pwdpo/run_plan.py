@@ -63,8 +63,8 @@ def plan_stages(config: RunConfig, data: PreparedData) -> list[Stage]:
     if loss.name != "sft" and t.sft_steps > 0:
         if not demos(data.train):
             raise ConfigError(
-                "train.sft_steps > 0 but the data has no demonstrations "
-                "(set data.demo_chosen=true or train.sft_steps=0)"
+                "train.sft_steps > 0 but the data has no demonstrations (rows with "
+                f"kind=demo): set train.sft_steps=0{_demo_hint(config)}"
             )
         sft = replace(loss, name="sft", logp_reduction="mean", normalization="global_mean")
         plan.append(("sft", sft, demos(data.train), demos(data.eval), t.sft_steps, t.sft_lr))
@@ -83,6 +83,16 @@ def plan_stages(config: RunConfig, data: PreparedData) -> list[Stage]:
         stages.append(Stage(index, name, stage_loss, examples, evals, steps, lr, offset))
         offset += steps
     return stages
+
+
+def _demo_hint(config: RunConfig) -> str:
+    """Where the data config itself could supply demonstrations, the key that does."""
+    d = config.data
+    if d.source in ("hh-rlhf", "pairwise") and not d.demo_chosen:
+        return ", or data.demo_chosen=true (chosen responses become demonstrations)"
+    if d.source == "pointwise":
+        return ", or mark demonstrations with kind=demo in the rows"
+    return ""
 
 
 def check_init_checkpoint(config: RunConfig) -> None:
