@@ -1,10 +1,13 @@
-"""Point-wise DPO (or SFT) inside Megatron-LM's own training loop.
+"""Point-wise DPO, ULMA or SFT inside Megatron-LM's own training loop.
 
 Run from a Megatron-LM checkout (``megatron.training`` is part of Megatron-LM, not of
-megatron-core), with this package installed:
+megatron-core), with this package installed. For a preference loss, first write the
+reference log-probs of every row with the same YAML (``train.sft_steps: 0`` and
+``reference.checkpoint`` or ``train.init_checkpoint`` naming the reference):
 
+    megatron-pwdpo precompute-ref --config my-run.yaml --out ref.npz
     torchrun --nproc-per-node 8 examples/megatron_lm/pretrain_pwdpo.py \\
-        --pwdpo-config my-run.yaml --pwdpo-ref-cache ref_logps.json \\
+        --pwdpo-config my-run.yaml --pwdpo-ref-cache ref.npz \\
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 \\
         --micro-batch-size 2 --global-batch-size 64 --seq-length 1024 \\
         --max-position-embeddings 1024 --train-iters 500 --lr 5e-7 ... (usual Megatron-LM flags)
@@ -12,11 +15,19 @@ megatron-core), with this package installed:
 Megatron-LM owns the loop (optimizer, schedule, checkpoints, logging); megatron-pwdpo
 supplies the model, the data and the loss (see megatron_pwdpo/megatron_lm.py). The
 model shape and data come from the megatron-pwdpo YAML; keep Megatron-LM's parallel and
-batch flags consistent with it. The reference log-probs come precomputed per row id
-(a JSON object {row id: logp}); they are not needed for ``loss.name=sft``.
+batch flags consistent with it (``--seq-length`` must equal ``data.seq_length``).
+
+Before Megatron-LM starts, every rank checks the YAML and the cache and stops with one
+line per problem: losses other than ``sft``, ``pointwise_dpo`` and ``ulma`` (DPO/IPO need
+pairs in a micro-batch, KTO a per-batch KL point), ``loss.normalization=per_class``,
+``train.sft_steps > 0``, packing, class balancing, and a cache that is not this run's
+(other reference checkpoint, model, tokenizer, ``data.seq_length`` or
+``loss.logp_reduction``, rows missing or re-tokenised). ``--pwdpo-ref-cache`` defaults
+to ``reference.cache_path``; ULMA's demonstrations need no reference.
 """
 
-import json
+import argparse
+import sys
 from functools import partial
 
 from megatron.core import parallel_state
@@ -24,36 +35,30 @@ from megatron.core.enums import ModelType
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.training import get_args, pretrain
 
-from megatron_pwdpo.config import load_config
-from megatron_pwdpo.data.prepare import prepare_data
-from megatron_pwdpo.megatron_lm import PointwiseRowDataset, make_forward_step, model_provider
+from megatron_pwdpo.config import ConfigError, load_config
+from megatron_pwdpo.data.schema import DataError
+from megatron_pwdpo.megatron_lm import build_datasets, make_forward_step, model_provider, prepare
 
 
 def add_args(parser):
     group = parser.add_argument_group("megatron-pwdpo")
     group.add_argument("--pwdpo-config", required=True, help="megatron-pwdpo YAML")
-    group.add_argument("--pwdpo-ref-cache", default=None, help="JSON {row id: ref logp}")
+    group.add_argument(
+        "--pwdpo-ref-cache",
+        default=None,
+        help="the .npz of megatron-pwdpo precompute-ref (default: reference.cache_path)",
+    )
     return parser
 
 
-def datasets_provider(_num_samples, *, config):
+def datasets_provider(_num_samples, *, config, data, ref_logps):
     args = get_args()
-    data = prepare_data(config.data, vocab_size=config.model.vocab_size)
-    ref = None
-    if args.pwdpo_ref_cache:
-        with open(args.pwdpo_ref_cache) as f:
-            ref = json.load(f)
-
-    def dataset(rows):
-        return PointwiseRowDataset(
-            rows,
-            seq_length=config.data.seq_length,
-            pad_id=data.tokenizer.pad_id,
-            global_batch_size=args.global_batch_size,
-            ref_logps=ref,
+    if args.seq_length != config.data.seq_length:
+        raise ConfigError(
+            f"--seq-length {args.seq_length} differs from data.seq_length {config.data.seq_length}"
         )
-
-    return dataset(data.train), dataset(data.eval), None
+    train, valid = build_datasets(config, data, ref_logps, global_batch_size=args.global_batch_size)
+    return train, valid, None
 
 
 def forward_step(data_iterator, model, *, config):
@@ -65,12 +70,15 @@ def forward_step(data_iterator, model, *, config):
     return step(data_iterator, model)
 
 
-if __name__ == "__main__":
-    import sys
-
-    cfg_path = sys.argv[sys.argv.index("--pwdpo-config") + 1]
-    config = load_config(cfg_path)
-    datasets = partial(datasets_provider, config=config)
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, _ = add_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
+    try:  # all checks (config, data, cache) before Megatron-LM builds anything
+        config = load_config(ours.pwdpo_config)
+        data, ref_logps = prepare(config, ref_cache=ours.pwdpo_ref_cache)
+    except (ConfigError, DataError) as err:
+        sys.exit("\n".join(f"pretrain_pwdpo.py: error: {line}" for line in str(err).splitlines()))
+    datasets = partial(datasets_provider, config=config, data=data, ref_logps=ref_logps)
     datasets.is_distributed = True
     pretrain(
         datasets,
@@ -79,3 +87,7 @@ if __name__ == "__main__":
         partial(forward_step, config=config),
         extra_args_provider=add_args,
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,39 @@
 """The pieces for Megatron-LM's pretrain(): items stacked by the default collate give the
-same loss as our own micro-batches of the same rows."""
+same loss as our own micro-batches of the same rows (point-wise DPO and ULMA, whose
+demonstrations have no reference), the reference comes from precompute-ref's checked
+``.npz``, and what that path cannot do is refused up front, one line each."""
+
+import dataclasses
+import importlib.util
+import math
+import re
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from megatron_pwdpo.batches import rank_micro_batches
-from megatron_pwdpo.config import LossConfig
+from megatron_pwdpo.cli import DEFAULT_CONFIG
+from megatron_pwdpo.config import ConfigError, LossConfig, load_config
+from megatron_pwdpo.data.hf_tokenizer import load_tokenizer
 from megatron_pwdpo.data.tokenize import TokenizedRow
-from megatron_pwdpo.megatron_lm import PointwiseRowDataset, make_forward_step
+from megatron_pwdpo.megatron_lm import (
+    PointwiseRowDataset,
+    check_supported,
+    make_forward_step,
+    reference_logps,
+    unsupported,
+)
+from megatron_pwdpo.reference_cache import cache_fingerprint, cache_rows, row_digests
+from megatron_pwdpo.reference_cli import write_cache
 from megatron_pwdpo.step import loss_func
+
+TOKENIZER = DEFAULT_CONFIG.parent / "data" / "tokenizer.model"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "megatron_lm" / "pretrain_pwdpo.py"
 
 
 def _rows():
@@ -21,9 +45,26 @@ def _rows():
     return out
 
 
+def _ulma_rows():
+    """Demonstrations (label 1), negatives, desirable feedback and a soft label."""
+    g = np.random.default_rng(1)
+    spec = [(1.0, True), (0.0, False), (1.0, True), (1.0, False), (0.3, False), (0.0, False)]
+    out = []
+    for i, (label, demo) in enumerate(spec):
+        ids = g.integers(4, 50, size=int(g.integers(6, 12)))
+        out.append(TokenizedRow(i, ids, 3, label, demo, f"u{i}"))
+    return out
+
+
 def _fake_token_logps(batch):
     """Depends only on each target token, so padding width does not matter."""
     return -0.1 * (batch["target_ids"] % 7 + 1).float()
+
+
+def _naive_row_logp(row):
+    """Sum of ``_fake_token_logps`` over the response targets (eos included)."""
+    targets = row.input_ids[row.prompt_len :]
+    return float(sum(-0.1 * (t % 7 + 1) for t in targets))
 
 
 def test_default_collate_batch_gives_our_loss():
@@ -55,3 +96,273 @@ def test_missing_reference_is_refused():
             global_batch_size=4,
             ref_logps={r.id: 0.0 for r in rows[:3]},
         )
+
+
+# --------------------------------------------------------------------------- ULMA
+
+
+def test_ulma_with_demonstrations_matches_a_naive_formula_and_the_training_path():
+    rows = _ulma_rows()
+    beta, w_sft, log_z, g = 0.7, 0.5, 0.2, len(rows)
+    # what precompute-ref writes for ULMA: no demonstration
+    ref = {r.id: -2.0 + 0.3 * r.row_index for r in rows if not r.is_demo}
+    loss_cfg = LossConfig(
+        name="ulma", beta=beta, sft_weight=w_sft, log_z=log_z, logp_reduction="sum"
+    )
+    ds = PointwiseRowDataset(
+        rows, seq_length=16, pad_id=0, global_batch_size=g, ref_logps=ref, loss_name="ulma"
+    )
+    items = [ds[i] for i in range(g)]
+    assert [math.isnan(it["ref_logps"].item()) for it in items] == [r.is_demo for r in rows]
+    theirs = next(iter(torch.utils.data.DataLoader(ds, batch_size=g)))
+    kwargs = make_forward_step(loss_cfg, num_microbatches=1, data_parallel_size=1).keywords
+
+    token_logps = _fake_token_logps(theirs).requires_grad_()
+    loss, report = loss_func(token_logps, batch=theirs, **kwargs)
+    loss.backward()
+    assert torch.isfinite(token_logps.grad).all()  # NaN references do not leak
+
+    # independent formula, in float64 Python
+    expected = 0.0
+    for r in rows:
+        logp, z = _naive_row_logp(r), r.label
+        term = -z * w_sft * logp
+        if not r.is_demo:
+            reward = beta * (logp - ref[r.id]) + log_z
+            term -= (1 - z) * math.log(1 / (1 + math.exp(reward)))  # log sigmoid(-r)
+        expected += term / g
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    # the training path (train.py): our micro-batches, NaN where ULMA skips the reference
+    ours = rank_micro_batches(
+        rows, dp_rank=0, dp_size=1, micro_batch_size=g, pad_id=0, weights=np.full(g, 1 / g)
+    )[0]
+    ours["ref_logps"] = torch.tensor([ref.get(r.id, float("nan")) for r in rows])
+    b, rb = loss_func(_fake_token_logps(ours), batch=ours, **kwargs)
+    assert loss.item() == pytest.approx(b.item(), rel=1e-6)
+    for key in report:
+        torch.testing.assert_close(report[key], rb[key], equal_nan=True)
+
+
+def test_an_all_demonstration_ulma_batch_needs_no_reference():
+    rows = [r for r in _ulma_rows() if r.is_demo]
+    ds = PointwiseRowDataset(
+        rows, seq_length=16, pad_id=0, global_batch_size=2, ref_logps={}, loss_name="ulma"
+    )
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    loss_cfg = LossConfig(name="ulma", logp_reduction="sum")
+    kwargs = make_forward_step(loss_cfg, num_microbatches=1, data_parallel_size=1).keywords
+    loss, _ = loss_func(_fake_token_logps(batch), batch=batch, **kwargs)
+    assert loss.item() == pytest.approx(-sum(map(_naive_row_logp, rows)) / 2, rel=1e-5)
+
+
+def test_only_ulma_demonstrations_may_lack_a_reference():
+    rows = _ulma_rows()
+    no_demos = {r.id: 0.0 for r in rows if not r.is_demo}
+    common = {"seq_length": 16, "pad_id": 0, "global_batch_size": 6}
+    with pytest.raises(KeyError, match="no reference log-prob for 2 rows, e.g. u0"):
+        PointwiseRowDataset(rows, ref_logps=no_demos, loss_name="pointwise_dpo", **common)
+    without_u4 = {k: v for k, v in no_demos.items() if k != "u4"}  # a soft label needs one
+    with pytest.raises(KeyError, match="for 1 rows, e.g. u4"):
+        PointwiseRowDataset(rows, ref_logps=without_u4, loss_name="ulma", **common)
+    with pytest.raises(ValueError, match="loss.name=ulma needs ref_logps"):
+        PointwiseRowDataset(rows, loss_name="ulma", **common)
+    assert "ref_logps" not in PointwiseRowDataset(rows, loss_name="sft", **common)[0]
+
+
+# --------------------------------------------------------------------------- the .npz cache
+
+
+@pytest.fixture
+def reference_ckpt(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (ckpt / "__0_0.distcp").write_bytes(np.arange(1 << 10, dtype=np.int32).tobytes())
+    return ckpt
+
+
+def _config(ckpt, *extra):
+    return load_config(
+        DEFAULT_CONFIG, ["train.sft_steps=0", f"train.init_checkpoint={ckpt}", *extra]
+    )
+
+
+def _write(path, config, rows, tokenizer):
+    """A cache as precompute-ref writes it, with log-prob ``-1 - row_index / 10``."""
+    logps = np.array([-1.0 - r.row_index / 10 for r in rows], dtype=np.float32)
+    write_cache(
+        path,
+        ids=[r.id for r in rows],
+        logps=logps,
+        digests=row_digests(rows),
+        fingerprint=cache_fingerprint(config, tokenizer),
+        source="test",
+    )
+
+
+def test_ulma_reads_a_precompute_ref_cache_without_demonstrations(tmp_path, reference_ckpt):
+    tokenizer = load_tokenizer(TOKENIZER)
+    rows, path = _ulma_rows(), tmp_path / "ref.npz"
+    ulma = _config(reference_ckpt, "loss.name=ulma")
+    _write(path, ulma, cache_rows(rows, loss_name="ulma"), tokenizer)
+    ref = reference_logps(ulma, rows, tokenizer, ref_cache=path)
+    assert ref == pytest.approx({r.id: -1.0 - r.row_index / 10 for r in rows if not r.is_demo})
+    ds = PointwiseRowDataset(
+        rows, seq_length=16, pad_id=0, global_batch_size=6, ref_logps=ref, loss_name="ulma"
+    )
+    got = [ds[i]["ref_logps"].item() for i in range(len(rows))]
+    want = [float("nan") if r.is_demo else np.float32(-1.0 - r.row_index / 10) for r in rows]
+    np.testing.assert_array_equal(got, want)
+    # reference.cache_path is the default; SFT reads no cache
+    from_config = _config(reference_ckpt, "loss.name=ulma", f"reference.cache_path={path}")
+    assert reference_logps(from_config, rows, tokenizer) == ref
+    assert reference_logps(_config(reference_ckpt, "loss.name=sft"), rows, tokenizer) is None
+
+
+def test_an_incomplete_or_stale_cache_is_refused(tmp_path, reference_ckpt):
+    tokenizer = load_tokenizer(TOKENIZER)
+    rows, path = _ulma_rows(), tmp_path / "ref.npz"
+    _write(path, _config(reference_ckpt), cache_rows(rows, loss_name="ulma"), tokenizer)
+    dpo = _config(reference_ckpt)
+    with pytest.raises(ConfigError, match=rf"{path} lacks 2 of the 6 rows .* \(e.g. 'u0'\)"):
+        reference_logps(dpo, rows, tokenizer, ref_cache=path)
+    mean = _config(reference_ckpt, "loss.name=ulma", "loss.logp_reduction=mean")
+    with pytest.raises(ConfigError, match=f"{path} is stale: its logp_reduction is sum"):
+        reference_logps(mean, rows, tokenizer, ref_cache=path)
+    retokenised = [*rows[:5], TokenizedRow(5, rows[5].input_ids[:-1], 3, 0.0, False, "u5")]
+    ulma = _config(reference_ckpt, "loss.name=ulma")
+    with pytest.raises(ConfigError, match="stale: 1 rows have other tokens .* 'u5'"):
+        reference_logps(ulma, retokenised, tokenizer, ref_cache=path)
+    (reference_ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist", "x": 1}')
+    with pytest.raises(ConfigError, match="stale: its reference_checkpoint is"):
+        reference_logps(ulma, rows, tokenizer, ref_cache=path)
+    (tmp_path / "ref.json").write_text('{"u1": -1.0}')  # the old JSON map is no cache
+    with pytest.raises(ConfigError, match="ref.json is not a reference cache"):
+        reference_logps(ulma, rows, tokenizer, ref_cache=tmp_path / "ref.json")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.name=kto"], "loss.name=kto is not supported .* KL reference point"),
+        (["loss.name=dpo"], "loss.name=dpo is not supported .* chosen/rejected pair"),
+        (["loss.name=ipo"], "loss.name=ipo is not supported .* chosen/rejected pair"),
+        (["loss.normalization=per_class"], "loss.normalization=per_class is not supported"),
+        (["train.sft_steps=10"], "train.sft_steps=10 is not supported"),
+        (["data.packing=masked"], "data.packing=masked is not supported"),
+        (["data.balance_classes=true"], "data.balance_classes=true is not supported"),
+        (["reference.cache_path=null"], "loss.name=pointwise_dpo needs the reference log-probs"),
+    ],
+)
+def test_each_unsupported_option_is_refused_in_one_line(overrides, message):
+    config = load_config(
+        DEFAULT_CONFIG, ["train.sft_steps=0", "reference.cache_path=ref.npz", *overrides]
+    )
+    problems = unsupported(config)
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert re.search(message, problems[0])
+    with pytest.raises(ConfigError, match=message):
+        check_supported(config)
+
+
+def test_supported_configs_and_all_problems_at_once():
+    base = ["train.sft_steps=0", "reference.cache_path=ref.npz"]
+    for loss in ("pointwise_dpo", "ulma", "sft"):
+        assert unsupported(load_config(DEFAULT_CONFIG, [*base, f"loss.name={loss}"])) == []
+    sft = load_config(DEFAULT_CONFIG, ["loss.name=sft", "train.sft_steps=100"])
+    assert unsupported(sft) == []  # no cache, and sft_steps only matter to a preference loss
+    no_cache = load_config(DEFAULT_CONFIG, ["train.sft_steps=0"])
+    assert unsupported(no_cache, ref_cache="ref.npz") == []
+    bad = load_config(
+        DEFAULT_CONFIG, ["loss.name=kto", "loss.normalization=per_class", "data.packing=masked"]
+    )
+    assert len(unsupported(bad)) == 4  # + train.sft_steps
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(name="kto"),
+        LossConfig(name="dpo"),
+        LossConfig(name="pointwise_dpo", normalization="per_class"),
+    ],
+)
+def test_make_forward_step_refuses_what_it_cannot_compute(loss):
+    with pytest.raises(ConfigError, match="Megatron-LM's pretrain\\(\\) supports"):
+        make_forward_step(loss, num_microbatches=1, data_parallel_size=1)
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def _example(monkeypatch):
+    """The example script with a stand-in ``megatron.training`` (part of Megatron-LM,
+    not installed here) that records what ``pretrain()`` is given."""
+    calls = {}
+    fake = types.ModuleType("megatron.training")
+    fake.pretrain = lambda *args, **kwargs: calls.setdefault("pretrain", args)
+    fake.get_args = lambda: calls["args"]
+    monkeypatch.setitem(sys.modules, "megatron.training", fake)
+    spec = importlib.util.spec_from_file_location("pretrain_pwdpo_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, calls
+
+
+def _yaml(tmp_path, config):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    return path
+
+
+def test_the_example_refuses_before_megatron_lm_starts(tmp_path, monkeypatch, capsys):
+    example, calls = _example(monkeypatch)
+    config = load_config(DEFAULT_CONFIG, ["loss.name=kto", "loss.normalization=per_class"])
+    with pytest.raises(SystemExit) as stop:
+        example.main(["--pwdpo-config", str(_yaml(tmp_path, config)), "--pwdpo-ref-cache", "x"])
+    lines = str(stop.value.code).splitlines()
+    assert [line.split(": ")[2].split()[0] for line in lines] == [
+        "loss.name=kto",
+        "loss.normalization=per_class",
+        "train.sft_steps=100",
+    ]
+    assert all(line.startswith("pretrain_pwdpo.py: error: ") for line in lines)
+    assert "pretrain" not in calls
+
+
+def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference_ckpt, monkeypatch):
+    from megatron_pwdpo.data.prepare import prepare_data
+
+    example, calls = _example(monkeypatch)
+    config = _config(reference_ckpt, "loss.name=ulma")
+    data = prepare_data(config.data, vocab_size=config.model.vocab_size)
+    rows = data.train + data.eval
+    needed = cache_rows(rows, loss_name="ulma")
+    assert 0 < len(needed) < len(rows)  # the shipped slice has demonstrations
+    cache, run_yaml = tmp_path / "ref.npz", _yaml(tmp_path, config)
+
+    _write(cache, config, needed[1:], data.tokenizer)  # incomplete: refused, names the row
+    with pytest.raises(SystemExit, match=f"{cache} lacks 1 of .* '{needed[0].id}'"):
+        example.main(["--pwdpo-config", str(run_yaml), "--pwdpo-ref-cache", str(cache)])
+    assert "pretrain" not in calls
+
+    _write(cache, config, needed, data.tokenizer)
+    example.main(["--pwdpo-config", str(run_yaml), "--pwdpo-ref-cache", str(cache)])
+    provider = calls["pretrain"][0]
+    calls["args"] = types.SimpleNamespace(global_batch_size=8, seq_length=config.data.seq_length)
+    train, valid, test = provider(None)
+    assert (len(train), len(valid), test) == (len(data.train), len(data.eval), None)
+    demo = next(i for i, r in enumerate(data.train) if r.is_demo)
+    other = next(i for i, r in enumerate(data.train) if not r.is_demo)
+    assert math.isnan(train[demo]["ref_logps"].item())
+    expected = np.float32(-1.0 - data.train[other].row_index / 10)
+    assert train[other]["ref_logps"].item() == expected
+    assert train[other]["weight"].item() == 1 / 8
+
+    calls["args"].seq_length += 1
+    with pytest.raises(ConfigError, match="--seq-length 257 differs from data.seq_length 256"):
+        provider(None)
