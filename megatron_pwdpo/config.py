@@ -39,19 +39,32 @@ class DataConfig:
         source: ``hh-rlhf`` (Anthropic transcripts, converted on the fly), ``golden-hh``
             (same schema, chosen rows are demonstrations), ``red-team`` (red-team attempts,
             continuous labels), ``qa-feedback`` (FineGrainedRLHF), ``pointwise`` (canonical
-            rows: id, prompt, response, label, kind) or ``preprocessed`` (the output
-            prefix of ``megatron-pwdpo preprocess``).
+            rows: id, prompt, response, label, kind), ``pairwise`` (generic pairs:
+            prompt, chosen, rejected, optional id) or ``preprocessed`` (the output prefix
+            of ``megatron-pwdpo preprocess``). Pairs become two rows, ``<id>-c`` (label 1)
+            and ``<id>-r`` (label 0), which ``dpo``/``ipo`` pair up again.
         path: the data: a jsonl(.gz)/JSON/parquet file, a ``datasets`` folder, or the
             preprocessed prefix.
         split: the split of a ``datasets`` folder that holds several.
-        hh_mode: for ``hh-rlhf``: ``paired`` keeps chosen and rejected of every pair,
-            ``unpaired`` keeps one response per prompt (the truly point-wise setting).
-        demo_chosen: for ``hh-rlhf``: chosen rows are demonstrations (``kind=demo``).
+        hh_mode: for ``hh-rlhf`` and ``golden-hh``: ``paired`` keeps chosen and rejected
+            of every pair, ``unpaired`` keeps one response per prompt (the truly
+            point-wise setting; a fair coin per pair drawn from ``unpaired_seed``).
+        unpaired_seed: seed of ``hh_mode=unpaired``'s pick (0 by default; another seed
+            keeps the other response of about half the pairs).
+        demo_chosen: for ``hh-rlhf`` and ``pairwise``: chosen rows are demonstrations
+            (``kind=demo``).
+        qa_mode: for ``qa-feedback``: ``win_rate`` (each prediction one row labelled with
+            its win rate) or ``pairs`` (each non-tied comparison a chosen/rejected pair,
+            what ``dpo``/``ipo`` need); both keep gold and corrected answers as
+            demonstrations.
         tokenizer: a sentencepiece ``.model`` file, or a Hugging Face tokenizer folder.
         tokenizer_type: ``sentencepiece`` or ``hf`` (local folder; chat template if any).
         red_team_score: for ``red-team``: the field that becomes the label.
-        red_team_normalisation: for ``red-team`` harmlessness scores: ``minmax`` over the
-            file or ``logistic``.
+        red_team_normalisation: for ``red-team`` harmlessness scores: ``minmax`` or
+            ``logistic``.
+        red_team_score_range: ``[lo, hi]``, the declared range of ``minmax``: label =
+            ``(score - lo) / (hi - lo)`` clipped to [0, 1], the same scale for every file
+            and split; ``None`` = each file's own minimum and maximum.
         balance_classes: sample desirable and undesirable rows equally (the minority
             class is repeated; see ``GlobalBatchSampler``).
         seq_length: tokens per sequence (the prompt is left-truncated to fit).
@@ -63,17 +76,20 @@ class DataConfig:
             layer spec (CPU; Transformer Engine's attention ignores such masks), or
             ``thd``, Megatron's ``PackedSeqParams`` with row boundaries (``cu_seqlens``)
             for Transformer Engine (GPU).
-        eval_rows: rows held out from the end of the file for evaluation.
-        eval_pairs: hold out whole pairs (both rows of a pair on the same side).
+        eval_rows: rows held out from the end of the file for evaluation, moved back to
+            the start of a run of rows sharing one prompt, so both rows of a pair (and
+            all rows of a QA item) are on the same side.
     """
 
     source: Literal[
-        "hh-rlhf", "pointwise", "golden-hh", "red-team", "qa-feedback", "preprocessed"
+        "hh-rlhf", "pointwise", "golden-hh", "red-team", "qa-feedback", "pairwise", "preprocessed"
     ] = "hh-rlhf"
     path: str = "data/hh_rlhf_harmless_base_test.jsonl.gz"
     split: str | None = None
     hh_mode: Literal["paired", "unpaired"] = "paired"
+    unpaired_seed: int = 0
     demo_chosen: bool = True
+    qa_mode: Literal["win_rate", "pairs"] = "win_rate"
     tokenizer: str = "data/tokenizer.model"
     tokenizer_type: Literal["sentencepiece", "hf"] = "sentencepiece"
     seq_length: int = 256
@@ -82,6 +98,7 @@ class DataConfig:
         "min_harmlessness_score_transcript"
     )
     red_team_normalisation: Literal["minmax", "logistic"] = "minmax"
+    red_team_score_range: list[float] | None = None
     balance_classes: bool = False
     packing: Literal["none", "masked", "thd"] = "none"
 

@@ -73,6 +73,14 @@ def plan_stages(config: RunConfig, data: PreparedData) -> list[Stage]:
         train, held_out = demos(data.train) or data.train, demos(data.eval) or data.eval
     elif loss.name in ("dpo", "ipo"):
         train, held_out = pair_up(data.train), pair_up(data.eval)
+        if not train:
+            raise ConfigError(
+                f"loss.name={loss.name} needs chosen/rejected pairs, but the training rows of "
+                f"data.source={config.data.source} hold none (a pair is two rows with ids "
+                "<pair>-c and <pair>-r, as hh-rlhf/golden-hh with data.hh_mode=paired, "
+                "qa-feedback with data.qa_mode=pairs and pairwise write them): use a "
+                "point-wise loss, or data from a paired source"
+            )
     else:
         train, held_out = data.train, data.eval
     plan.append((loss.name, loss, train, held_out, t.steps, t.lr))

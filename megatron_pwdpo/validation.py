@@ -6,6 +6,8 @@ group or touches a file, so a bad run stops before any expensive work.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_pwdpo.config import ConfigError, RunConfig
@@ -122,14 +124,13 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
     )
     _validate_reference(config)
     pairwise = loss.name in ("dpo", "ipo")
-    _require(
-        not pairwise or (d.source == "hh-rlhf" and d.hh_mode == "paired"),
-        f"loss.name={loss.name} needs pairs: data.source=hh-rlhf with data.hh_mode=paired",
-    )
+    if pairwise:
+        _require_pairs(loss.name, d)
     _require(
         not pairwise or loss.normalization == "global_mean",
         f"loss.normalization=per_class is for point-wise losses, not {loss.name}",
     )
+    _validate_data(d)
     if world_size is not None:
         model_parallel = p.tensor_parallel * p.pipeline_parallel
         _require(
@@ -150,6 +151,71 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
             f"pipeline_parallel ({p.pipeline_parallel}) micro-batches per step, got "
             f"{micro_batches} (global_batch_size / (micro_batch_size x data-parallel))",
         )
+
+
+def _require_pairs(name: str, d) -> None:
+    """``dpo``/``ipo`` need chosen/rejected pairs: refuse the sources that give none.
+
+    ``pointwise`` and ``preprocessed`` rows may hold pairs (ids ``<pair>-c``/``-r``, as
+    written from a paired source); ``run_plan.plan_stages`` refuses them when they do not.
+    """
+    need = f"loss.name={name} needs chosen/rejected pairs"
+    _require(
+        d.source != "red-team",
+        f"{need}, and data.source=red-team has none (one transcript, one score): use a "
+        "point-wise loss (pointwise_dpo, ulma, kto), or a paired source (hh-rlhf, golden-hh, "
+        "qa-feedback with data.qa_mode=pairs, pairwise)",
+    )
+    _require(
+        d.source not in ("hh-rlhf", "golden-hh") or d.hh_mode == "paired",
+        f"{need}: data.hh_mode=unpaired keeps one response per prompt; set data.hh_mode=paired",
+    )
+    _require(
+        d.source != "qa-feedback" or d.qa_mode == "pairs",
+        f"{need}: data.source=qa-feedback with data.qa_mode=win_rate gives point-wise rows; "
+        "set data.qa_mode=pairs",
+    )
+
+
+def _validate_data(d) -> None:
+    """Source options: the declared red-team score range."""
+    problem = score_range_problem(
+        d.red_team_score_range,
+        source=d.source,
+        score=d.red_team_score,
+        normalisation=d.red_team_normalisation,
+    )
+    _require(problem is None, f"data.red_team_score_range: {problem}")
+
+
+def score_range_problem(
+    value: object, *, source: str, score: str, normalisation: str
+) -> str | None:
+    """What is wrong with a declared red-team score range ``[low, high]`` (None: nothing;
+    ``value`` None is no declared range). Shared by the config and ``preprocess``."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        return f"expected [low, high] (two numbers) or null, got {value!r}"
+    lo, hi = float(value[0]), float(value[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{[lo, hi]} must be finite"
+    if not lo < hi:
+        return f"low must be below high, got {[lo, hi]}"
+    if (source, score, normalisation) != (
+        "red-team",
+        "min_harmlessness_score_transcript",
+        "minmax",
+    ):
+        return (
+            "applies only to the red-team source with the min_harmlessness_score_transcript "
+            "score and minmax normalisation (rating has a fixed 0-4 scale)"
+        )
+    return None
 
 
 def _have_transformer_engine() -> bool:

@@ -3,9 +3,9 @@ packing, preprocessed (memory-mapped) rows and the resumable sampler."""
 
 from megatron_pwdpo.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from megatron_pwdpo.data.indexed import load_preprocessed, read_indexed, write_indexed
-from megatron_pwdpo.data.loading import SOURCES, load_source_rows
+from megatron_pwdpo.data.loading import QA_MODES, SOURCES, load_source_rows
 from megatron_pwdpo.data.packing import pack_ffd, pack_rows
-from megatron_pwdpo.data.readers import read_pointwise
+from megatron_pwdpo.data.readers import read_pairwise, read_pointwise
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.data.schema import (
     DataError,
@@ -13,7 +13,9 @@ from megatron_pwdpo.data.schema import (
     PointwiseRow,
     atomic_open,
     iter_jsonl,
+    pair_rows,
     read_pointwise_jsonl,
+    validate_pair,
     validate_row,
     write_jsonl,
 )
@@ -24,7 +26,11 @@ from megatron_pwdpo.data.sources import (
     hh_rlhf_rows,
     split_transcript,
 )
-from megatron_pwdpo.data.sources_qa import qa_feedback_pairs, qa_feedback_rows
+from megatron_pwdpo.data.sources_qa import (
+    qa_feedback_pair_rows,
+    qa_feedback_pairs,
+    qa_feedback_rows,
+)
 from megatron_pwdpo.data.sources_redteam import red_team_rows
 from megatron_pwdpo.data.tokenize import TokenizedRow, TokenizeStats, collate, tokenize_rows
 from megatron_pwdpo.data.tokenizer import (
@@ -37,6 +43,7 @@ from megatron_pwdpo.data.tokenizer import (
 )
 
 __all__ = [
+    "QA_MODES",
     "RESPONSE_PREFIX",
     "SOURCES",
     "DataError",
@@ -60,9 +67,12 @@ __all__ = [
     "load_tokenizer",
     "pack_ffd",
     "pack_rows",
+    "pair_rows",
+    "qa_feedback_pair_rows",
     "qa_feedback_pairs",
     "qa_feedback_rows",
     "read_indexed",
+    "read_pairwise",
     "read_pointwise",
     "read_pointwise_jsonl",
     "red_team_rows",
@@ -71,6 +81,7 @@ __all__ = [
     "split_transcript",
     "tokenize_rows",
     "train_sentencepiece",
+    "validate_pair",
     "validate_row",
     "write_indexed",
     "write_jsonl",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from megatron_pwdpo.data.loading import SOURCES
+from megatron_pwdpo.data.loading import QA_MODES, SOURCES
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -32,7 +32,14 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="hh-rlhf: chosen rows are demonstrations",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the unpaired pick")
+    parser.add_argument(
+        "--seed",
+        "--unpaired-seed",
+        dest="seed",
+        type=int,
+        default=0,
+        help="seed of the unpaired pick (data.unpaired_seed)",
+    )
     parser.add_argument(
         "--red-team-score",
         choices=["min_harmlessness_score_transcript", "rating"],
@@ -41,6 +48,37 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--red-team-normalisation", choices=["minmax", "logistic"], default="minmax"
     )
+    parser.add_argument(
+        "--red-team-score-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="declared range of the minmax normalisation (default: the file's own)",
+    )
+    parser.add_argument(
+        "--qa-mode",
+        choices=list(QA_MODES),
+        default="win_rate",
+        help="qa-feedback: win-rate rows, or pairs for dpo/ipo",
+    )
+
+
+def _score_range(args: argparse.Namespace) -> list[float] | None:
+    """``--red-team-score-range``, checked as ``data.red_team_score_range`` is."""
+    from megatron_pwdpo.config import ConfigError
+    from megatron_pwdpo.validation import score_range_problem
+
+    value = args.red_team_score_range
+    problem = score_range_problem(
+        value,
+        source=args.source,
+        score=args.red_team_score,
+        normalisation=args.red_team_normalisation,
+    )
+    if problem is not None:
+        raise ConfigError(f"--red-team-score-range: {problem}")
+    return None if value is None else list(value)
 
 
 def _load(args: argparse.Namespace, path: str):
@@ -54,6 +92,8 @@ def _load(args: argparse.Namespace, path: str):
         seed=args.seed,
         red_team_score=args.red_team_score,
         red_team_normalisation=args.red_team_normalisation,
+        red_team_score_range=_score_range(args),
+        qa_mode=args.qa_mode,
         split=args.split,
     )
 

@@ -7,8 +7,14 @@ Sources (``data.source`` in the config, ``--source`` on the command line):
 ``hh-rlhf``     Anthropic HH-RLHF pairs, split at the last Assistant turn (`hh_rlhf_rows`)
 ``golden-hh``   Golden HH: HH schema, chosen rows are demonstrations (`golden_hh_rows`)
 ``red-team``    red-team attempts with a continuous label (`red_team_rows`)
-``qa-feedback`` FineGrainedRLHF QA-feedback (`qa_feedback_rows`)
+``qa-feedback`` FineGrainedRLHF QA-feedback: win-rate labels (`qa_feedback_rows`), or
+                with ``qa_mode="pairs"`` its comparisons as pairs (`qa_feedback_pair_rows`)
+``pairwise``    generic pairs ``{prompt, chosen, rejected[, id]}`` (`read_pairwise`)
 =============== ===================================================================
+
+Pairs (HH-style sources with ``hh_mode="paired"``, ``pairwise``, QA-feedback with
+``qa_mode="pairs"``) become two rows, ``<pair>-c`` (label 1) and ``<pair>-r`` (label 0),
+which the pairwise losses pair up again by id (`megatron_pwdpo.batches.pair_up`).
 
 The held-out split takes the last ``eval_rows`` rows, moved back to the start of a run
 of rows that share one prompt, so no prompt (an HH pair, a QA item) is on both sides.
@@ -21,13 +27,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_pwdpo.data.readers import check_unique_ids, read_pointwise
-from megatron_pwdpo.data.schema import PointwiseRow
+from megatron_pwdpo.data.readers import check_unique_ids, read_pairwise, read_pointwise
+from megatron_pwdpo.data.schema import PointwiseRow, pair_rows
 from megatron_pwdpo.data.sources import golden_hh_rows, hh_rlhf_rows
-from megatron_pwdpo.data.sources_qa import qa_feedback_rows
+from megatron_pwdpo.data.sources_qa import qa_feedback_pair_rows, qa_feedback_rows
 from megatron_pwdpo.data.sources_redteam import red_team_rows
 
-SOURCES: tuple[str, ...] = ("pointwise", "hh-rlhf", "golden-hh", "red-team", "qa-feedback")
+SOURCES: tuple[str, ...] = (
+    "pointwise",
+    "hh-rlhf",
+    "golden-hh",
+    "red-team",
+    "qa-feedback",
+    "pairwise",
+)
+QA_MODES: tuple[str, ...] = ("win_rate", "pairs")
 
 
 def load_source_rows(
@@ -39,12 +53,17 @@ def load_source_rows(
     seed: int = 0,
     red_team_score: str = "min_harmlessness_score_transcript",
     red_team_normalisation: str = "minmax",
+    red_team_score_range: Sequence[float] | None = None,
+    qa_mode: str = "win_rate",
     split: str | None = None,
 ) -> list[PointwiseRow]:
     """Canonical rows of one source, with unique ids (the module docstring lists sources).
 
     HH-style sources and red-team skip (and log) records with an empty response, as the
-    real files have a few; canonical rows with an empty response are an error.
+    real files have a few; canonical rows and pairs with an empty response are an error.
+    ``seed`` is the seed of ``hh_mode="unpaired"``'s pick; ``demo_chosen`` applies to
+    ``hh-rlhf`` and ``pairwise``; ``red_team_score_range`` is the declared ``(lo, hi)`` of
+    red-team's ``minmax`` normalisation (None: the file's own minimum and maximum).
 
     Raises:
         DataError: anything wrong with the input, naming the file and line.
@@ -68,11 +87,17 @@ def load_source_rows(
             path,
             score=red_team_score,
             normalisation=red_team_normalisation,
+            score_range=None if red_team_score_range is None else tuple(red_team_score_range),
             skip_empty_responses=True,
             split=split,
         )
     elif source == "qa-feedback":
-        rows = qa_feedback_rows(path, split=split)
+        if qa_mode not in QA_MODES:
+            raise ValueError(f"qa_mode must be one of {list(QA_MODES)}, got {qa_mode!r}")
+        read = qa_feedback_pair_rows if qa_mode == "pairs" else qa_feedback_rows
+        rows = read(path, split=split)
+    elif source == "pairwise":
+        rows = pair_rows(read_pairwise(path, split=split), demo_chosen=demo_chosen)
     else:
         raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
     check_unique_ids(rows, path=path)

@@ -70,8 +70,11 @@ def load_rows(cfg) -> list[PointwiseRow]:
         source=cfg.source,
         hh_mode=cfg.hh_mode,
         demo_chosen=cfg.demo_chosen,
+        seed=cfg.unpaired_seed,
         red_team_score=cfg.red_team_score,
         red_team_normalisation=cfg.red_team_normalisation,
+        red_team_score_range=cfg.red_team_score_range,
+        qa_mode=cfg.qa_mode,
         split=cfg.split,
     )
 

@@ -1,8 +1,9 @@
-"""Canonical point-wise rows from jsonl(.gz), parquet or a Hugging Face dataset.
+"""Canonical point-wise rows, and generic pairs, from jsonl(.gz), parquet or a dataset.
 
-The same `validate_row` checks every record whatever the container, and errors name the
-file and the 1-based line (jsonl, JSON array) or row (parquet, dataset folder); see
-`megatron_pwdpo.data.records`. Ids must be unique within what is loaded.
+The same `validate_row` (`validate_pair` for pairs) checks every record whatever the
+container, and errors name the file and the 1-based line (jsonl, JSON array) or row
+(parquet, dataset folder); see `megatron_pwdpo.data.records`. Ids must be unique within
+what is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import os
 from collections.abc import Sequence
 
 from megatron_pwdpo.data.records import iter_records
-from megatron_pwdpo.data.schema import DataError, PointwiseRow, validate_row
+from megatron_pwdpo.data.schema import (
+    DataError,
+    PairwiseRow,
+    PointwiseRow,
+    validate_pair,
+    validate_row,
+)
 
 
 def read_pointwise(path: str | os.PathLike[str], *, split: str | None = None) -> list[PointwiseRow]:
@@ -36,6 +43,26 @@ def read_pointwise(path: str | os.PathLike[str], *, split: str | None = None) ->
         first[row.id] = position
         rows.append(row)
     return rows
+
+
+def read_pairwise(path: str | os.PathLike[str], *, split: str | None = None) -> list[PairwiseRow]:
+    """Reads and validates generic pairs ``{prompt, chosen, rejected[, id]}`` (for the
+    pairwise baselines; `megatron_pwdpo.data.schema.pair_rows` makes them rows).
+
+    Raises:
+        DataError: a bad record (`validate_pair`), a duplicate id (naming both positions),
+            undecodable text, an empty file; always ``path:position: message``.
+    """
+    pairs: list[PairwiseRow] = []
+    first: dict[str, int] = {}
+    for index, (position, obj) in enumerate(iter_records(path, split=split)):
+        pair = validate_pair(obj, path=path, line=position, index=index)
+        if pair.id in first:
+            msg = f"field 'id': duplicate id {pair.id!r} (first at line {first[pair.id]})"
+            raise DataError(msg, path=path, line=position)
+        first[pair.id] = position
+        pairs.append(pair)
+    return pairs
 
 
 def check_unique_ids(rows: Sequence[PointwiseRow], *, path: str | os.PathLike[str]) -> None:

@@ -153,6 +153,51 @@ def validate_row(obj: Any, *, path: str | os.PathLike[str], line: int) -> Pointw
     return PointwiseRow(obj["id"], prompt, obj["response"], label, obj["kind"])
 
 
+def validate_pair(obj: Any, *, path: str | os.PathLike[str], line: int, index: int) -> PairwiseRow:
+    """Checks one decoded record of a generic pairwise file and returns a `PairwiseRow`.
+
+    A record is ``{"prompt", "chosen", "rejected"}`` plus an optional ``id``; ``prompt`` is
+    a string or a list of ``{"role", "content"}`` messages, as in canonical rows. Without
+    an ``id`` the pair is ``pair-{index:06d}`` (``index``: the record's 0-based index).
+
+    Raises:
+        DataError: a field is missing or has the wrong type, or a response or the id is
+            empty; the message names the file and line.
+    """
+    require_object(obj, path=path, line=line)
+    if "prompt" not in obj and "chosen" in obj:
+        msg = (
+            "missing (a pairwise record is {prompt, chosen, rejected}; HH-RLHF transcripts "
+            "are data.source=hh-rlhf)"
+        )
+        raise _field_error("prompt", msg, path=path, line=line)
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in obj:
+            raise _field_error(name, "missing", path=path, line=line)
+    for name in ("chosen", "rejected"):
+        if not string_field(obj, name, path=path, line=line).strip():
+            raise _field_error(name, "is empty", path=path, line=line)
+    pair_id = f"pair-{index:06d}"
+    if obj.get("id") is not None:
+        pair_id = string_field(obj, "id", path=path, line=line)
+        if not pair_id:
+            raise _field_error("id", "is empty", path=path, line=line)
+    prompt = _check_prompt(obj["prompt"], path=path, line=line)
+    return PairwiseRow(pair_id, prompt, obj["chosen"], obj["rejected"])
+
+
+def pair_rows(pairs: Iterable[PairwiseRow], *, demo_chosen: bool = False) -> list[PointwiseRow]:
+    """Each pair as two point-wise rows: ``{id}-c`` (chosen, label 1, ``demo`` with
+    ``demo_chosen``) then ``{id}-r`` (rejected, label 0); the pairwise losses pair them
+    up again by these ids (`megatron_pwdpo.batches.pair_up`)."""
+    chosen_kind = "demo" if demo_chosen else "feedback"
+    rows: list[PointwiseRow] = []
+    for pair in pairs:
+        rows.append(PointwiseRow(f"{pair.id}-c", pair.prompt, pair.chosen, 1.0, chosen_kind))
+        rows.append(PointwiseRow(f"{pair.id}-r", pair.prompt, pair.rejected, 0.0, "feedback"))
+    return rows
+
+
 def _open_binary(path: str | os.PathLike[str]):
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")  # noqa: SIM115
 

@@ -26,7 +26,8 @@ truncation of a long prompt drops passages, never the question::
 
 Ids are ``qa-{index:05d}-gold``, ``-corrected``, ``-p1`` .. ``-p4``, in that order, with
 the item's 0-based index. `qa_feedback_pairs` gives the non-tied comparisons as pairs for
-the pairwise baselines.
+the pairwise baselines, and `qa_feedback_pair_rows` (``data.qa_mode=pairs``) the same as
+``-c``/``-r`` rows that training pairs up again.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from megatron_pwdpo.data.schema import (
     PairwiseRow,
     PointwiseRow,
     Prompt,
+    pair_rows,
     require_object,
     string_field,
 )
@@ -142,16 +144,37 @@ def qa_feedback_rows(
         prompt, predictions, preference = _check_item(obj, path=path, line=line)
         stem = f"qa-{index:05d}"
         if demonstrations:
-            gold = string_field(obj, "gold", path=path, line=line)
-            if not gold.strip():
-                raise DataError("field 'gold': is empty", path=path, line=line)
-            rows.append(PointwiseRow(f"{stem}-gold", prompt, gold, 1.0, "demo"))
-            corrected = _corrected(obj, path=path, line=line)
-            if corrected is not None:
-                rows.append(PointwiseRow(f"{stem}-corrected", prompt, corrected, 1.0, "demo"))
+            rows.extend(_demo_rows(obj, prompt, stem, path=path, line=line))
         for k, (text, rate) in enumerate(zip(predictions, win_rates(preference), strict=True)):
             rows.append(PointwiseRow(f"{stem}-p{k + 1}", prompt, text, rate, "feedback"))
     return rows
+
+
+def _demo_rows(
+    obj: dict[str, Any], prompt: Prompt, stem: str, *, path: str, line: int
+) -> list[PointwiseRow]:
+    """The item's ``gold`` and (when present) ``corrected-prediction`` as demonstrations."""
+    gold = string_field(obj, "gold", path=path, line=line)
+    if not gold.strip():
+        raise DataError("field 'gold': is empty", path=path, line=line)
+    rows = [PointwiseRow(f"{stem}-gold", prompt, gold, 1.0, "demo")]
+    corrected = _corrected(obj, path=path, line=line)
+    if corrected is not None:
+        rows.append(PointwiseRow(f"{stem}-corrected", prompt, corrected, 1.0, "demo"))
+    return rows
+
+
+def _item_pairs(
+    index: int, prompt: Prompt, predictions: list[str], preference: list[int]
+) -> list[PairwiseRow]:
+    pairs = []
+    for (a, b), judgement in zip(PREFERENCE_ORDER, preference, strict=True):
+        if judgement == 0:
+            continue
+        win, lose = (a, b) if judgement == 1 else (b, a)
+        pair_id = f"qa-{index:05d}-{a}v{b}"
+        pairs.append(PairwiseRow(pair_id, prompt, predictions[win - 1], predictions[lose - 1]))
+    return pairs
 
 
 def qa_feedback_pairs(
@@ -162,10 +185,26 @@ def qa_feedback_pairs(
     pairs: list[PairwiseRow] = []
     for index, (line, obj) in enumerate(iter_records(path, split=split)):
         prompt, predictions, preference = _check_item(obj, path=path, line=line)
-        for (a, b), judgement in zip(PREFERENCE_ORDER, preference, strict=True):
-            if judgement == 0:
-                continue
-            win, lose = (a, b) if judgement == 1 else (b, a)
-            pair_id = f"qa-{index:05d}-{a}v{b}"
-            pairs.append(PairwiseRow(pair_id, prompt, predictions[win - 1], predictions[lose - 1]))
+        pairs.extend(_item_pairs(index, prompt, predictions, preference))
     return pairs
+
+
+def qa_feedback_pair_rows(
+    path: str | os.PathLike[str], *, demonstrations: bool = True, split: str | None = None
+) -> list[PointwiseRow]:
+    """QA-feedback for the pairwise losses (``data.qa_mode=pairs``): per item, ``gold`` and
+    ``corrected-prediction`` as demonstrations (with ``demonstrations``; the SFT stage's
+    rows), then each non-tied comparison as two rows, ``qa-{index:05d}-{a}v{b}-c``
+    (preferred, label 1) and ``-r`` (label 0), which `batches.pair_up` pairs again.
+
+    Raises:
+        DataError: as `qa_feedback_rows`.
+    """
+    path = str(path)
+    rows: list[PointwiseRow] = []
+    for index, (line, obj) in enumerate(iter_records(path, split=split)):
+        prompt, predictions, preference = _check_item(obj, path=path, line=line)
+        if demonstrations:
+            rows.extend(_demo_rows(obj, prompt, f"qa-{index:05d}", path=path, line=line))
+        rows.extend(pair_rows(_item_pairs(index, prompt, predictions, preference)))
+    return rows

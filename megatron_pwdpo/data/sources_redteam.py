@@ -9,7 +9,9 @@ one becomes a continuous label in [0, 1] where 1 is desirable (harmless):
   more harmful), with a declared normalisation:
 
   - ``minmax`` (default): ``label = (s - lo) / (hi - lo)`` clipped to [0, 1], where
-    ``(lo, hi)`` is ``score_range`` when given, else the minimum and maximum over the
+    ``(lo, hi)`` is the declared ``score_range`` when given (``data.red_team_score_range``,
+    ``--red-team-score-range``: every file and split then shares one scale; scores
+    outside it are clipped, with a warning), else the minimum and maximum over the
     file (a file whose scores are all equal gets 0.5 everywhere);
   - ``logistic``: ``label = 1 / (1 + exp(-(s - center) / scale))`` (defaults 0 and 1),
     which needs no pass over the file and maps the same score to the same label in
@@ -99,6 +101,24 @@ def _transcript(obj: Any, *, path: str, line: int) -> tuple[str, str]:
         raise DataError(f"field 'transcript': {e}", path=path, line=line) from e
 
 
+def _warn_outside(
+    scores: np.ndarray, score_range: tuple[float, float] | None, *, path: str
+) -> None:
+    """Log how many scores fall outside a declared range (they are clipped to it)."""
+    if score_range is None:
+        return
+    lo, hi = score_range
+    outside = int(np.sum((scores < lo) | (scores > hi)))
+    if outside:
+        logger.warning(
+            "%s: %d scores outside the declared range [%g, %g] clipped to it",
+            path,
+            outside,
+            lo,
+            hi,
+        )
+
+
 def red_team_rows(
     path: str | os.PathLike[str],
     *,
@@ -160,6 +180,7 @@ def red_team_rows(
     if score == "rating":
         labels = rating_labels(np.array(values))
     elif normalisation == "minmax":
+        _warn_outside(np.array(values), score_range, path=path)
         labels = minmax_labels(np.array(values), score_range=score_range)
     else:
         labels = logistic_labels(np.array(values), center=center, scale=scale)

@@ -382,9 +382,21 @@ def test_every_source_loads_and_ids_are_unique(tmp_path):
         "golden-hh": _jsonl(tmp_path / "g.jsonl", [_hh_pair(0)]),
         "red-team": _array(tmp_path / "rt.json", ATTEMPTS),
         "qa-feedback": _array(tmp_path / "qa.json", [_qa_item(0, [1] * 6)]),
+        "pairwise": _jsonl(
+            tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+        ),
     }
     counts = {s: len(load_source_rows(files[s], source=s)) for s in SOURCES}
-    assert counts == {"pointwise": 2, "hh-rlhf": 4, "golden-hh": 2, "red-team": 3, "qa-feedback": 6}
+    assert counts == {
+        "pointwise": 2,
+        "hh-rlhf": 4,
+        "golden-hh": 2,
+        "red-team": 3,
+        "qa-feedback": 6,
+        "pairwise": 2,
+    }
+    qa_pairs = load_source_rows(files["qa-feedback"], source="qa-feedback", qa_mode="pairs")
+    assert len(qa_pairs) == 2 + 2 * 6  # gold and corrected, six non-tied comparisons
     rows = [PointwiseRow("x", "p", "r", 1.0, "demo")] * 2
     with pytest.raises(DataError, match="duplicate id 'x' \\(rows 1 and 2"):
         check_unique_ids(rows, path="f")
