@@ -15,7 +15,8 @@ reference log-probs of every row with the same YAML (``train.sft_steps: 0`` and
 Megatron-LM owns the loop (optimizer, schedule, checkpoints, logging); megatron-pwdpo
 supplies the model, the data and the loss (see megatron_pwdpo/megatron_lm.py). The
 model shape and data come from the megatron-pwdpo YAML; keep Megatron-LM's parallel and
-batch flags consistent with it (``--seq-length`` must equal ``data.seq_length``).
+batch flags consistent with it: the model provider stops unless the TP, PP, virtual
+pipeline, sequence-parallel and ``--seq-length`` flags equal the YAML's.
 
 Before Megatron-LM starts, every rank checks the YAML and the cache and stops with one
 line per problem: losses other than ``sft``, ``pointwise_dpo`` and ``ulma`` (DPO/IPO need
@@ -51,12 +52,45 @@ def add_args(parser):
     return parser
 
 
+def check_flags(args, config):
+    """Megatron-LM's flags that the YAML's model and data must agree with."""
+    p, d = config.parallel, config.data
+    pairs = [
+        ("--tensor-model-parallel-size", args.tensor_model_parallel_size, p.tensor_parallel),
+        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, p.pipeline_parallel),
+        (
+            "--num-virtual-stages-per-pipeline-rank",
+            getattr(args, "virtual_pipeline_model_parallel_size", None),
+            p.virtual_pipeline,
+        ),
+        ("--sequence-parallel", bool(args.sequence_parallel), p.sequence_parallel),
+        ("--seq-length", args.seq_length, d.seq_length),
+    ]
+    keys = [
+        "parallel.tensor_parallel",
+        "parallel.pipeline_parallel",
+        "parallel.virtual_pipeline",
+        "parallel.sequence_parallel",
+        "data.seq_length",
+    ]
+    for (flag, theirs, ours), key in zip(pairs, keys, strict=True):
+        if theirs != ours:
+            raise ConfigError(f"{flag} {theirs} differs from the YAML's {key}={ours}")
+
+
+def model_provider_checked(config):
+    provide = model_provider(config)
+
+    def checked(pre_process=True, post_process=True, vp_stage=None):
+        check_flags(get_args(), config)  # before the model is built
+        return provide(pre_process, post_process, vp_stage=vp_stage)
+
+    return checked
+
+
 def datasets_provider(_num_samples, *, config, data, ref_logps):
     args = get_args()
-    if args.seq_length != config.data.seq_length:
-        raise ConfigError(
-            f"--seq-length {args.seq_length} differs from data.seq_length {config.data.seq_length}"
-        )
+    check_flags(args, config)
     train, valid = build_datasets(config, data, ref_logps, global_batch_size=args.global_batch_size)
     return train, valid, None
 
@@ -82,7 +116,7 @@ def main(argv=None):
     datasets.is_distributed = True
     pretrain(
         datasets,
-        model_provider(config),
+        model_provider_checked(config),
         ModelType.encoder_or_decoder,
         partial(forward_step, config=config),
         extra_args_provider=add_args,

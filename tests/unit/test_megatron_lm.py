@@ -352,7 +352,14 @@ def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference
     _write(cache, config, needed, data.tokenizer)
     example.main(["--pwdpo-config", str(run_yaml), "--pwdpo-ref-cache", str(cache)])
     provider = calls["pretrain"][0]
-    calls["args"] = types.SimpleNamespace(global_batch_size=8, seq_length=config.data.seq_length)
+    calls["args"] = types.SimpleNamespace(
+        global_batch_size=8,
+        seq_length=config.data.seq_length,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        sequence_parallel=False,
+    )
     train, valid, test = provider(None)
     assert (len(train), len(valid), test) == (len(data.train), len(data.eval), None)
     demo = next(i for i, r in enumerate(data.train) if r.is_demo)
@@ -362,6 +369,11 @@ def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference
     assert train[other]["ref_logps"].item() == expected
     assert train[other]["weight"].item() == 1 / 8
 
+    model = calls["pretrain"][1]
     calls["args"].seq_length += 1
-    with pytest.raises(ConfigError, match="--seq-length 257 differs from data.seq_length 256"):
+    with pytest.raises(ConfigError, match="--seq-length 257 differs from the YAML's data.seq"):
         provider(None)
+    calls["args"].seq_length -= 1
+    calls["args"].tensor_model_parallel_size = 2
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2 differs .*=1"):
+        model(True, True)  # refused before any model is built
