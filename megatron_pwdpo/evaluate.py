@@ -18,8 +18,10 @@ unpaired rows):
 * ``spearman``: rank correlation between rewards and labels (meaningful for continuous
   labels, e.g. the red-team source).
 
-It runs in one process (checkpoints load at any TP/PP layout), so the parallel layout
-of the config is reset to 1 x 1.
+It runs at the config's tensor and pipeline parallel sizes (checkpoints load at any
+layout), one process or many: ``torchrun --nproc-per-node 8 -m megatron_pwdpo.cli eval
+... parallel.tensor_parallel=8`` evaluates a model too large for one GPU; the ranks left
+over are data-parallel replicas that share the rows. Rank 0 prints and writes the metrics.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from megatron_pwdpo.config import RunConfig
 
@@ -95,58 +96,88 @@ def reward_metrics(
     return out
 
 
-def _row_logps(runner_fb, chunks, batches, seq_length: int) -> np.ndarray:
-    from megatron_pwdpo.step import run_logps
+def _check_checkpoints(config: RunConfig, *, reference: str, policies: dict[str, str]) -> None:
+    """Every checkpoint exists and fits ``model``, before any process group or data.
 
-    out = run_logps(runner_fb, chunks, batches, reduction="sum", seq_length=seq_length)
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    Raises:
+        ConfigError: naming the flag (``--reference``, ``--policy NAME``) and the problem.
+    """
+    from megatron_pwdpo import checkpoint
+    from megatron_pwdpo.config import ConfigError
+    from megatron_pwdpo.convert import check_model_config
+
+    named = [("--reference", reference), *((f"--policy {n}", p) for n, p in policies.items())]
+    for flag, path in named:
+        try:
+            checkpoint.resolve_checkpoint(path)
+            check_model_config(config.model, path)
+        except (FileNotFoundError, ConfigError) as err:
+            raise ConfigError(f"{flag}: {err}") from None
 
 
 def evaluate(
     config: RunConfig, *, reference: str, policies: dict[str, str]
 ) -> dict[str, dict[str, float]]:
-    """Metrics of every policy checkpoint on ``config``'s held-out rows (one process)."""
-    from megatron_pwdpo import checkpoint, cpu_bridge, distributed
-    from megatron_pwdpo.batches import rank_micro_batches
-    from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.training_setup import Layout, build_chunks
+    """Metrics of every policy checkpoint on ``config``'s held-out rows, at the config's
+    TP/PP layout with the remaining ranks as data-parallel replicas (any layout gives the
+    same numbers; see ``row_logps``). The model is built once: the reference's log-probs
+    first, then each policy's weights are loaded into it in turn.
 
-    config = replace(
-        config,
-        parallel=replace(
-            config.parallel, tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None
-        ),
-    )
+    Returns:
+        ``{policy name: metrics}`` on global rank 0; ``{}`` on the other ranks.
+    """
+    from megatron_pwdpo import checkpoint, cpu_bridge, distributed
+    from megatron_pwdpo.data.prepare import prepare_data
+    from megatron_pwdpo.row_logps import rows_logps
+    from megatron_pwdpo.training_setup import Layout, build_chunks
+    from megatron_pwdpo.validation import validate
+
+    # checkpoints reshard on load: the interleaved layout a run trained with is not needed
+    config = replace(config, parallel=replace(config.parallel, virtual_pipeline=None))
+    world_size = distributed.world_from_env().world_size
+    validate(config, world_size=world_size)
+    _check_checkpoints(config, reference=reference, policies=policies)
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)
     rows = data.eval
-    distributed.init_distributed(
-        tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=config.timeout_s
+    p = config.parallel
+    world = distributed.init_distributed(
+        tensor_parallel=p.tensor_parallel,
+        pipeline_parallel=p.pipeline_parallel,
+        virtual_pipeline=None,
+        timeout_s=config.timeout_s,
     )
     try:
         cpu_bridge.manual_seed(config.train.seed)
-        fb = Layout.forward_backward_func()
-        batches = rank_micro_batches(
-            rows,
-            dp_rank=0,
-            dp_size=1,
-            micro_batch_size=config.train.micro_batch_size,
-            pad_id=data.tokenizer.pad_id,
-        )
-        seq = config.data.seq_length
+        layout = Layout.current()
+        chunks = build_chunks(config, wrap_ddp=False)
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+
+        def logps_of(path: str) -> np.ndarray | None:
+            checkpoint.load_checkpoint(chunks, path)
+            out = rows_logps(
+                rows,
+                chunks,
+                layout,
+                pad_id=data.tokenizer.pad_id,
+                micro_batch_size=config.train.micro_batch_size,
+                reduction="sum",
+                seq_length=config.data.seq_length,
+            )
+            return None if out is None else out.double().cpu().numpy()
+
+        ref_logps = logps_of(reference)
+        policy_logps = {name: logps_of(path) for name, path in policies.items()}
+        if world.rank != 0:
+            return {}
         ids = [r.id for r in rows]
         labels = np.array([r.label for r in rows], dtype=np.float64)
         tokens = np.array([r.input_ids.size - r.prompt_len for r in rows], dtype=np.float64)
         chosen = labels > 0.5
-        chunks = build_chunks(config, wrap_ddp=False)
-        for chunk in chunks:
-            chunk.eval()
-        checkpoint.load_checkpoint(chunks, reference)
-        ref_logps = _row_logps(fb, chunks, batches, seq)
         loss = config.loss
         results = {}
-        for name, path in policies.items():
-            checkpoint.load_checkpoint(chunks, path)
-            logps = _row_logps(fb, chunks, batches, seq)
+        for name, logps in policy_logps.items():
             rewards = loss.beta * (logps - ref_logps) + loss.log_z
             metrics = reward_metrics(ids, labels, rewards)
             nll = float(-logps[chosen].sum() / tokens[chosen].sum()) if chosen.any() else None
@@ -169,10 +200,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--policy {item!r}: expected NAME=CHECKPOINT")
         policies[name] = path
     results = evaluate(config, reference=str(args.reference), policies=policies)
-    text = json.dumps(results, indent=2)
-    if args.out is not None:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    if results:  # global rank 0
+        text = json.dumps(results, indent=2)
+        if args.out is not None:
+            Path(args.out).write_text(text + "\n")
+        print(text)
     return 0
 
 

@@ -248,27 +248,28 @@ def run_seed(base: Path, exp: dict[str, Any], tree: dict[str, Any], seed: int) -
     policies = [f"{m}={root / m / 'checkpoints'}" for m in exp["methods"]]
     hh_eval = ["data.hh_mode=paired", f"data.eval_rows={2 * exp['eval_pairs']}"]
     evals = {}
-    limit = exp["step_timeout_s"]
-    evals["hh"], walls["eval_hh"] = _eval(
-        base, root / "eval_hh", sft_ckpt, policies, hh_eval, limit
-    )
+    evals["hh"], walls["eval_hh"] = _eval(base, root / "eval_hh", sft_ckpt, policies, hh_eval, exp)
     if exp["red_team"]["steps"] > 0:
         fixture = Path(exp["run_dir"]) / "red_team_fixture.jsonl"
         rt_over = red_team_overrides(exp, fixture)
         walls["red_team"] = _train(base, root / "red_team", seed, rt_over + init, exp)
         rt_policy = [f"pointwise_dpo={root / 'red_team' / 'checkpoints'}"]
         evals["red_team"], walls["eval_red_team"] = _eval(
-            base, root / "eval_red_team", sft_ckpt, rt_policy, rt_over, limit
+            base, root / "eval_red_team", sft_ckpt, rt_policy, rt_over, exp
         )
     return {"wall_s": walls, "eval": evals}
 
 
-def _eval(base: Path, out: Path, reference: Path, policies: list[str], extra: list[str], timeout):
+def _eval(
+    base: Path, out: Path, reference: Path, policies: list[str], extra: list[str], exp: dict
+) -> tuple[dict, float]:
+    """``megatron-pwdpo eval`` on ``experiment.nproc`` ranks at the base config's layout."""
     args = ["eval", "--config", str(base), "--reference", str(reference)]
     for policy in policies:
         args += ["--policy", policy]
     args += ["--out", str(out.with_suffix(".json")), *extra]
-    wall = run_step(args, log_path=out.with_suffix(".log"), timeout=timeout)
+    log_path, nproc, timeout = out.with_suffix(".log"), exp["nproc"], exp["step_timeout_s"]
+    wall = run_step(args, log_path=log_path, nproc=nproc, timeout=timeout)
     return json.loads(out.with_suffix(".json").read_text()), wall
 
 

@@ -7,9 +7,9 @@
 The reference is the checkpoint a ``reference.mode=cache`` run of the same config would
 compare against (``reference.checkpoint``, else ``train.init_checkpoint``); any TP/PP
 layout and any number of data-parallel replicas may compute it. Every train and eval
-row is run (for ``loss.name=ulma``, every row but the demonstrations), sorted by length
-to waste little padding; rank 0 gathers the log-probs over the data-parallel group and
-writes one ``.npz`` (read without pickle):
+row is run (for ``loss.name=ulma``, every row but the demonstrations; see ``row_logps``
+for how they are split, batched and gathered); rank 0 writes one ``.npz`` (read without
+pickle):
 
     ids          [n] str      row ids
     logps        [n] float32  reference log-probs (``loss.logp_reduction``)
@@ -33,10 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
-
-GROUP = 64  # micro-batches per schedule call
 
 
 def write_cache(
@@ -66,37 +63,6 @@ def write_cache(
     os.replace(tmp, path)
 
 
-def _local_logps(
-    rows, chunks, *, fb, pad_id: int, micro_batch_size: int, reduction: str, seq_length: int
-) -> torch.Tensor:
-    """``[len(rows)]`` log-probs of this rank's rows (meaningful on the last stage)."""
-    from megatron_pwdpo.batches import rank_micro_batches
-    from megatron_pwdpo.step import run_logps
-
-    order = sorted(range(len(rows)), key=lambda i: -rows[i].input_ids.size)
-    out = torch.zeros(len(rows), dtype=torch.float32, device=_device())
-    step = micro_batch_size * GROUP
-    for start in range(0, len(order), step):
-        part = order[start : start + step]
-        batches = rank_micro_batches(
-            [rows[i] for i in part],
-            dp_rank=0,
-            dp_size=1,
-            micro_batch_size=micro_batch_size,
-            pad_id=pad_id,
-        )
-        logps = run_logps(fb, chunks, batches, reduction=reduction, seq_length=seq_length)
-        if logps:
-            out[torch.tensor(part, device=out.device)] = torch.cat(logps).float()
-    return out
-
-
-def _device() -> torch.device:
-    from megatron_pwdpo.distributed import device
-
-    return device()
-
-
 def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) -> int:
     """Run the reference over the config's rows and write the cache (see module doc).
 
@@ -111,6 +77,7 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
         reference_checkpoint,
         row_digests,
     )
+    from megatron_pwdpo.row_logps import rows_logps
     from megatron_pwdpo.training_setup import Layout, build_chunks
     from megatron_pwdpo.validation import validate
 
@@ -135,18 +102,15 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        parts = np.array_split(np.arange(len(rows)), layout.dp_size)
-        mine = [rows[i] for i in parts[layout.dp_rank]]
-        logps = _local_logps(
-            mine,
+        everything = rows_logps(
+            rows,
             chunks,
-            fb=layout.forward_backward_func(),
+            layout,
             pad_id=data.tokenizer.pad_id,
             micro_batch_size=micro_batch_size or config.train.micro_batch_size,
             reduction=config.loss.logp_reduction,
             seq_length=config.data.seq_length,
         )
-        everything = _gather(logps, layout, sizes=[len(p) for p in parts])
         if world.rank == 0:
             write_cache(
                 out,
@@ -165,24 +129,6 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
     finally:
         distributed.shutdown()
     return len(rows)
-
-
-def _gather(local: torch.Tensor, layout, *, sizes: list[int]) -> torch.Tensor:
-    """This rank's log-probs from the last pipeline stage to the first, then every data-
-    parallel rank's to data-parallel rank 0 (padded to one length), in row order."""
-    if dist.get_world_size(layout.pp_group) > 1:
-        dist.broadcast(local, src=layout.pp_last_rank, group=layout.pp_group)
-    if layout.dp_size == 1:
-        return local
-    longest = max(sizes)
-    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
-    padded[: local.numel()] = local
-    first = layout.dp_rank == 0
-    bucket = [torch.zeros_like(padded) for _ in sizes] if first else None
-    dist.gather(padded, bucket, dst=dist.get_global_rank(layout.dp_group, 0), group=layout.dp_group)
-    if not first:
-        return local
-    return torch.cat([b[:n] for b, n in zip(bucket, sizes, strict=True)])
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
