@@ -127,6 +127,11 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
     if pairwise:
         _require_pairs(loss.name, d)
     _require(
+        loss.name != "ipo" or loss.logp_reduction == "mean",
+        "loss.name=ipo regresses the margin onto 1/(2 beta), a scale set for mean-reduced "
+        "log-probs (IPO, Azar et al. 2023): set loss.logp_reduction=mean",
+    )
+    _require(
         not pairwise or loss.normalization == "global_mean",
         f"loss.normalization=per_class is for point-wise losses, not {loss.name}",
     )

@@ -51,6 +51,7 @@ def test_parse_overrides():
         (["train.steps"], "is not of the form section.field=value"),
         (["loss=3"], "loss: expected a section"),
         (["reference.mode=none"], "reference.mode: 'none' is only valid with loss.name=sft"),
+        (["loss.name=ipo"], "loss.name=ipo regresses the margin onto 1/(2 beta)"),  # sum here
         (["data.seq_length=4096"], "exceeds model.max_seq_length"),
         pytest.param(
             ["parallel.sequence_parallel=true", "parallel.tensor_parallel=2"],

@@ -250,7 +250,10 @@ def test_an_incomplete_or_stale_cache_is_refused(tmp_path, reference_ckpt):
     [
         (["loss.name=kto"], "loss.name=kto is not supported .* KL reference point"),
         (["loss.name=dpo"], "loss.name=dpo is not supported .* chosen/rejected pair"),
-        (["loss.name=ipo"], "loss.name=ipo is not supported .* chosen/rejected pair"),
+        (
+            ["loss.name=ipo", "loss.logp_reduction=mean"],
+            "loss.name=ipo is not supported .* chosen/rejected pair",
+        ),
         (["loss.normalization=per_class"], "loss.normalization=per_class is not supported"),
         (["train.sft_steps=10"], "train.sft_steps=10 is not supported"),
         (["data.packing=masked"], "data.packing=masked is not supported"),
