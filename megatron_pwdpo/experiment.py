@@ -13,7 +13,8 @@ i.e. exactly the code users run:
 
    - ``dpo``: pairwise DPO on the pairs (``global_batch_size / 2`` pairs a step);
    - ``pointwise_dpo``: point-wise DPO on the *unpaired* rows (``data.hh_mode=unpaired``:
-     one response per prompt, no pair exists);
+     one response per prompt, no pair exists; which one is drawn from the seed, so the
+     spread over seeds includes the data selection);
    - ``kto``: KTO on the same unpaired rows;
    - ``ulma``: ULMA on the same unpaired rows, chosen rows as demonstrations;
 3. ``megatron-pwdpo eval`` of every checkpoint against the SFT reference on the same
@@ -226,7 +227,7 @@ def run_step(
 
 def _train(base: Path, run_dir: Path, seed: int, extra: list[str], exp: dict[str, Any]) -> float:
     args = ["train", "--config", str(base), f"run_dir={run_dir}", f"train.seed={seed}"]
-    args += ["train.progress=false", *extra]
+    args += [f"data.unpaired_seed={seed}", "train.progress=false", *extra]
     done = " (already done)" if run_dir.with_suffix(".done").exists() else ""
     print(f"[experiment] train {run_dir.relative_to(exp['run_dir'])}{done}", flush=True)
     log_path = run_dir.with_suffix(".log")
