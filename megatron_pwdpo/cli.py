@@ -38,7 +38,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config_path = args.config
     if config_path is None:
         if not DEFAULT_CONFIG.exists():
-            raise ConfigError(f"no --config given and the default {DEFAULT_CONFIG} is missing")
+            raise ConfigError(
+                f"no --config given and the default {DEFAULT_CONFIG} is missing (it ships "
+                "with a source checkout, not a wheel): pass --config FILE"
+            )
         config_path = DEFAULT_CONFIG
     config = load_config(config_path, args.overrides)
     from megatron_pwdpo.train import train

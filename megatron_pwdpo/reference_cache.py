@@ -131,8 +131,8 @@ def read_cache(path: str | Path) -> dict[str, Any]:
 
 
 def cache_logps_by_id(path: str | Path) -> dict[str, float]:
-    """A cache as ``{row id: reference log-prob}`` (e.g. for ``megatron_lm``'s datasets;
-    unchecked: compare :func:`cache_fingerprint` yourself)."""
+    """A cache as ``{row id: reference log-prob}``, for inspection; unchecked (training
+    and ``megatron_lm.reference_logps`` go through :func:`load_cache_table`)."""
     cache = read_cache(path)
     return dict(zip(cache["ids"].tolist(), cache["logps"].tolist(), strict=True))
 
