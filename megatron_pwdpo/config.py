@@ -43,9 +43,10 @@ class DataConfig:
             prompt, chosen, rejected, optional id) or ``preprocessed`` (the output prefix
             of ``megatron-pwdpo preprocess``). Pairs become two rows, ``<id>-c`` (label 1)
             and ``<id>-r`` (label 0), which ``dpo``/``ipo`` pair up again.
-        path: the data: a jsonl(.gz)/JSON/parquet file, a ``datasets`` folder, or the
-            preprocessed prefix.
-        split: the split of a ``datasets`` folder that holds several.
+        path: the data: a jsonl(.gz)/JSON/parquet file, a ``datasets`` folder, a Hub
+            dataset ``hf:OWNER/NAME``, or the preprocessed prefix.
+        split: the split of a ``datasets`` folder that holds several; ``None`` = its only
+            split (``train`` for a Hub dataset).
         hh_mode: for ``hh-rlhf`` and ``golden-hh``: ``paired`` keeps chosen and rejected
             of every pair, ``unpaired`` keeps one response per prompt (the truly
             point-wise setting; a fair coin per pair drawn from ``unpaired_seed``).
@@ -59,7 +60,8 @@ class DataConfig:
             demonstrations.
         tokenizer: a sentencepiece ``.model`` file, or a Hugging Face tokenizer folder.
         tokenizer_type: ``sentencepiece`` or ``hf`` (local folder; chat template if any).
-        red_team_score: for ``red-team``: the field that becomes the label.
+        red_team_score: for ``red-team``: the field of each attempt that becomes the
+            label.
         red_team_normalisation: for ``red-team`` harmlessness scores: ``minmax`` or
             ``logistic``.
         red_team_score_range: ``[lo, hi]``, the declared range of ``minmax``: label =
@@ -108,13 +110,17 @@ class LossConfig:
     """Which loss (DESIGN.md §1) and its hyper-parameters.
 
     Attributes:
-        name: the loss.
+        name: the loss: ``pointwise_dpo`` (point-wise DPO on rows labelled in [0, 1]),
+            ``ulma`` (maximum likelihood on demonstrations, point-wise DPO on the other
+            rows), ``dpo`` or ``ipo`` (pairwise; need chosen/rejected pairs), ``kto``, or
+            ``sft`` (maximum likelihood only; no reference model).
         beta: inverse temperature of the implicit reward ``r = beta (logp - ref_logp)``.
-        mode: point-wise DPO variant, ``bce`` (binary/soft labels) or ``mse``.
-        log_z: log-partition constant added to the reward.
+        mode: ``pointwise_dpo`` variant: ``bce`` (binary/soft labels, cross-entropy) or
+            ``mse`` (the reward regressed on the label).
+        log_z: log-partition constant added to the reward (``pointwise_dpo``, ``ulma``).
         logp_reduction: ``sum`` or ``mean`` of token log-probs over the response.
         sft_weight: ULMA's weight of the demonstration (SFT) term.
-        label_smoothing: cDPO's epsilon.
+        label_smoothing: cDPO's epsilon for ``dpo``, in [0, 0.5) (0 = plain DPO).
         desirable_weight: KTO's ``w_D``.
         undesirable_weight: KTO's ``w_U``.
         normalization: how per-row losses of a global batch are combined:
@@ -237,7 +243,8 @@ class RunConfig:
 
     Attributes:
         run_dir: where ``config.yaml``, ``metrics.jsonl`` and checkpoints go.
-        timeout_s: process-group timeout: a hung collective fails after this long.
+        timeout_s: process-group timeout in seconds: a hung collective fails after this
+            long.
         resume: ``auto`` continues from the newest complete checkpoint in
             ``run_dir/checkpoints`` (a finished run has nothing left to do); ``never``
             refuses a run directory that already holds checkpoints.

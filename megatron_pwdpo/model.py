@@ -39,13 +39,15 @@ class ModelConfig:
         norm_epsilon: RMSNorm epsilon.
         init_method_std: std of the normal weight init.
         untie_embeddings: untied input and output embeddings (Llama default).
-        vocab_pad_multiple: see ``vocab_size``.
+        vocab_pad_multiple: the embedding's vocabulary is padded up to a multiple of this
+            and of ``parallel.tensor_parallel`` (see :func:`padded_vocab_size`).
         kv_channels: width of one attention head; ``None`` = ``hidden_size //
             num_attention_heads`` (Mistral-Nemo-style models set it explicitly).
         qkv_bias: biases on the query, key and value projections only (Qwen2).
-        rope_scaling: ``"llama3"`` (Llama 3.1 frequency scaling, Megatron-Core's fixed
-            low/high frequency factors 1 and 4 over an original context of 8192) or
-            ``"linear"`` (positions divided by the factor, i.e. position interpolation).
+        rope_scaling: ``none`` (no scaling), ``llama3`` (Llama 3.1 frequency scaling,
+            Megatron-Core's fixed low/high frequency factors 1 and 4 over an original
+            context of 8192) or ``linear`` (positions divided by the factor, i.e. position
+            interpolation).
         rope_scaling_factor: the scaling factor of ``rope_scaling``.
     """
 
@@ -74,7 +76,8 @@ class ParallelConfig:
     Attributes:
         tensor_parallel: tensor-model-parallel size (within a node on GPU clusters).
         pipeline_parallel: pipeline stages.
-        virtual_pipeline: model chunks per pipeline stage (interleaved 1F1B); ``None``.
+        virtual_pipeline: model chunks per pipeline stage (interleaved 1F1B); ``None`` =
+            one chunk per stage (no interleaving).
         sequence_parallel: shard the activations of norms and dropout over the
             tensor-parallel ranks along the sequence (needs Transformer Engine: GPU).
         logprob_chunk_size: compute the output layer and the vocab-parallel
