@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pwdpo.reference_cli import register as register_reference_commands
 
     register_reference_commands(sub)
+    from megatron_pwdpo.config_reference import register as register_config_reference
+
+    register_config_reference(sub)
     return parser
 
 
