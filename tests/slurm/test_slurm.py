@@ -3,7 +3,9 @@
 The tiny CPU model on 2 tasks (gloo, ranks from ``SLURM_PROCID``/``SLURM_NTASKS``):
 the job trains and checkpoints; then the same job is sent USR1 the way
 ``#SBATCH --signal=B:USR1@SECS`` sends it before a time limit, saves, exits 75, requeues
-itself and resumes, and ends with the uninterrupted run's per-step losses.
+itself and resumes, and ends with the uninterrupted run's per-step losses. The convert job
+exports the trained model, and the precompute-ref job on 2 tasks writes the cache that one
+process writes.
 
 Slurm and munge are installed with apt-get when missing (root only; otherwise the tests
 are skipped, saying why). One cluster serves the module (see ``slurm_cluster.py``).
@@ -23,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, run_cli
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
+
+from megatron_pwdpo.reference_cache import read_cache
 
 pytestmark = pytest.mark.slurm
 
@@ -182,3 +186,23 @@ def test_convert_job_exports_the_trained_model(cluster, uninterrupted, tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
     assert (out / "model.safetensors").stat().st_size > 0
+
+
+def test_precompute_ref_job_writes_the_cache_one_process_would(cluster, uninterrupted, tmp_path):
+    # 2 tasks = 2 data-parallel replicas split the rows; the cache must not depend on it
+    config = str(REPO / "examples" / "tiny_cpu.yaml")
+    common = [*TINY, f"train.init_checkpoint={uninterrupted[1] / 'checkpoints'}"]
+    job_id = _submit(
+        cluster, "precompute_ref.sbatch", tmp_path, [config, "ref.npz", *common], TWO_TASKS
+    )
+    info = cluster.wait(job_id, timeout=240)
+    out = _output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED", f"{info['ExitCode']}\n{out[-5000:]}"
+    assert "2 tasks" in out and "wrote" in out, out[-3000:]
+    run_cli(["precompute-ref", "--config", config, "--out", str(tmp_path / "one.npz"), *common])
+    job, one = read_cache(tmp_path / "ref.npz"), read_cache(tmp_path / "one.npz")
+    assert len(job["ids"]) == len(one["ids"]) > 1000
+    assert job["ids"].tolist() == one["ids"].tolist()
+    assert job["fingerprint"] == one["fingerprint"]
+    np.testing.assert_allclose(job["logps"], one["logps"], rtol=1e-5)
+    assert np.all(job["logps"] < 0)
