@@ -9,7 +9,8 @@ what is loaded.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from megatron_pwdpo.data.records import iter_records
 from megatron_pwdpo.data.schema import (
@@ -33,16 +34,7 @@ def read_pointwise(path: str | os.PathLike[str], *, split: str | None = None) ->
         DataError: a bad record (`validate_row`), a duplicate id (naming both positions),
             undecodable text, an empty file; always ``path:position: message``.
     """
-    rows: list[PointwiseRow] = []
-    first: dict[str, int] = {}
-    for position, obj in iter_records(path, split=split):
-        row = validate_row(obj, path=path, line=position)
-        if row.id in first:
-            msg = f"field 'id': duplicate id {row.id!r} (first at line {first[row.id]})"
-            raise DataError(msg, path=path, line=position)
-        first[row.id] = position
-        rows.append(row)
-    return rows
+    return _read_unique(path, split, lambda obj, line, _: validate_row(obj, path=path, line=line))
 
 
 def read_pairwise(path: str | os.PathLike[str], *, split: str | None = None) -> list[PairwiseRow]:
@@ -53,16 +45,23 @@ def read_pairwise(path: str | os.PathLike[str], *, split: str | None = None) -> 
         DataError: a bad record (`validate_pair`), a duplicate id (naming both positions),
             undecodable text, an empty file; always ``path:position: message``.
     """
-    pairs: list[PairwiseRow] = []
+    return _read_unique(
+        path, split, lambda obj, line, i: validate_pair(obj, path=path, line=line, index=i)
+    )
+
+
+def _read_unique(path, split: str | None, validate: Callable[[Any, int, int], Any]) -> list:
+    """``validate(record, position, index)`` of every record, refusing a repeated ``id``."""
+    items = []
     first: dict[str, int] = {}
     for index, (position, obj) in enumerate(iter_records(path, split=split)):
-        pair = validate_pair(obj, path=path, line=position, index=index)
-        if pair.id in first:
-            msg = f"field 'id': duplicate id {pair.id!r} (first at line {first[pair.id]})"
+        item = validate(obj, position, index)
+        if item.id in first:
+            msg = f"field 'id': duplicate id {item.id!r} (first at line {first[item.id]})"
             raise DataError(msg, path=path, line=position)
-        first[pair.id] = position
-        pairs.append(pair)
-    return pairs
+        first[item.id] = position
+        items.append(item)
+    return items
 
 
 def check_unique_ids(rows: Sequence[PointwiseRow], *, path: str | os.PathLike[str]) -> None:
