@@ -9,7 +9,13 @@ the data loaders and the schedule itself; it needs three callables from the user
   :func:`megatron_pwdpo.step.forward_step`, bound to a loss (:func:`make_forward_step`);
 * ``train_valid_test_datasets_provider(num_samples)`` -> map-style datasets whose items
   are one row each (:class:`PointwiseRowDataset`; :func:`prepare` then :func:`build_datasets`);
-  Megatron-LM's sampler and default collate stack them into micro-batches.
+  Megatron-LM's sampler and default collate stack them into micro-batches. Item ``i`` of
+  the training set is position ``i`` of ``megatron-pwdpo train``'s sample stream
+  (``GlobalBatchSampler``: a new permutation each epoch, class balancing if configured),
+  and the set is ``num_samples`` long, so Megatron-LM's sequential sampler, which takes
+  global batch ``k`` from items ``[k G, (k + 1) G)``, trains on the same global batches as
+  ``megatron-pwdpo train`` for as many steps as ``--train-iters`` asks, and resumes from
+  its consumed-sample count.
 
 Megatron-LM's loop has no reference-model hook, so preference losses read the
 reference log-probs that ``megatron-pwdpo precompute-ref`` wrote (its ``.npz`` cache),
@@ -21,7 +27,7 @@ data-parallel ranks before dividing.
 
 Supported: ``sft``, ``pointwise_dpo`` and ``ulma`` (whose demonstrations need no
 reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), with
-``loss.normalization=global_mean``, no packing, no class balancing and no SFT stage.
+``loss.normalization=global_mean``, no packing and no SFT stage.
 :func:`unsupported` names everything else, one line each, before any work is done.
 See ``examples/megatron_lm/``.
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 import torch
 
 from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig
+from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.data.tokenize import TokenizedRow, collate
 from megatron_pwdpo.step import forward_step, make_objective, megatron_grad_scale
 
@@ -83,11 +90,6 @@ def unsupported(config: RunConfig, *, ref_cache: str | Path | None = None) -> li
         out.append(
             f"data.packing={data.packing} is not supported in Megatron-LM's pretrain(): "
             "its items are one row each, padded to data.seq_length; set data.packing=none"
-        )
-    if data.balance_classes:
-        out.append(
-            "data.balance_classes=true is not supported in Megatron-LM's pretrain(): its "
-            "sampler does not balance classes; set data.balance_classes=false"
         )
     if (
         loss.name in ("pointwise_dpo", "ulma")
@@ -157,6 +159,10 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         loss_name: the loss. With ``ulma``, demonstrations need no reference: theirs is
             NaN, unused (as in ``megatron-pwdpo train``); with any other loss (or None)
             every row needs one when ``ref_logps`` is given.
+        order: the sample stream: item ``i`` is row ``order.stream(i, 1)``; None = the
+            rows in file order, once.
+        num_samples: items (``order`` repeats the rows epoch after epoch); None = one
+            epoch of ``order`` (``len(rows)`` without it).
 
     Raises:
         KeyError: a row that needs a reference log-prob has none (names the row).
@@ -172,6 +178,8 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         global_batch_size: int,
         ref_logps: Mapping[str, float] | None = None,
         loss_name: str | None = None,
+        order: GlobalBatchSampler | None = None,
+        num_samples: int | None = None,
     ):
         from megatron_pwdpo.reference import needs_reference
 
@@ -185,15 +193,22 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         )
         if missing:
             raise KeyError(f"no reference log-prob for {len(missing)} rows, e.g. {missing[0]}")
+        if order is None and num_samples is not None and num_samples > len(rows):
+            raise ValueError(f"num_samples={num_samples} > {len(rows)} rows needs an order")
         self.rows, self.seq_length, self.pad_id = rows, seq_length, pad_id
         self.weight = 1.0 / global_batch_size
         self.ref_logps = ref_logps
+        self.order = order
+        epoch = len(rows) if order is None else order.epoch_length
+        self.length = epoch if num_samples is None else num_samples
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.rows[index]
+        if not 0 <= index < self.length:
+            raise IndexError(f"item {index} of {self.length}")
+        row = self.rows[index if self.order is None else int(self.order.stream(index, 1)[0])]
         item = {
             k: v[0]
             for k, v in collate([row], seq_length=self.seq_length, pad_id=self.pad_id).items()
@@ -230,10 +245,18 @@ def build_datasets(
     ref_logps: Mapping[str, float] | None,
     *,
     global_batch_size: int,
+    num_samples: Sequence[int] | None = None,
 ) -> tuple[PointwiseRowDataset, PointwiseRowDataset]:
-    """The train and validation datasets of :func:`prepare`'s ``(data, ref_logps)``."""
+    """The train and validation datasets of :func:`prepare`'s ``(data, ref_logps)``.
 
-    def dataset(rows: Sequence[TokenizedRow]) -> PointwiseRowDataset:
+    Args:
+        num_samples: Megatron-LM's ``train_val_test_num_samples`` (``[train, valid,
+            ...]``); the training set then holds that many items of ``megatron-pwdpo
+            train``'s sample stream (``train.seed``; ``data.balance_classes``), the
+            validation set cycles through the held-out rows in order. None: one epoch each.
+    """
+
+    def dataset(rows, order, length) -> PointwiseRowDataset:
         return PointwiseRowDataset(
             rows,
             seq_length=config.data.seq_length,
@@ -241,9 +264,23 @@ def build_datasets(
             global_batch_size=global_batch_size,
             ref_logps=ref_logps,
             loss_name=config.loss.name,
+            order=order,
+            num_samples=length,
         )
 
-    return dataset(data.train), dataset(data.eval)
+    train_samples, valid_samples = (None, None) if num_samples is None else num_samples[:2]
+    stream = GlobalBatchSampler(
+        len(data.train),
+        global_batch_size=global_batch_size,
+        seed=config.train.seed,
+        labels=[r.label for r in data.train],
+        balance=config.data.balance_classes and config.loss.name != "sft",  # as run_stage
+    )
+    cycle = GlobalBatchSampler(len(data.eval), global_batch_size=1, seed=0, shuffle=False)
+    return (
+        dataset(data.train, stream, train_samples),
+        dataset(data.eval, cycle, max(valid_samples or 0, len(data.eval))),
+    )
 
 
 def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_size: int):

@@ -88,10 +88,12 @@ def model_provider_checked(config):
     return checked
 
 
-def datasets_provider(_num_samples, *, config, data, ref_logps):
+def datasets_provider(num_samples, *, config, data, ref_logps):
     args = get_args()
     check_flags(args, config)
-    train, valid = build_datasets(config, data, ref_logps, global_batch_size=args.global_batch_size)
+    train, valid = build_datasets(
+        config, data, ref_logps, global_batch_size=args.global_batch_size, num_samples=num_samples
+    )
     return train, valid, None
 
 

@@ -20,9 +20,11 @@ from megatron_pwdpo.batches import rank_micro_batches
 from megatron_pwdpo.cli import DEFAULT_CONFIG
 from megatron_pwdpo.config import ConfigError, LossConfig, load_config
 from megatron_pwdpo.data.hf_tokenizer import load_tokenizer
+from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.data.tokenize import TokenizedRow
 from megatron_pwdpo.megatron_lm import (
     PointwiseRowDataset,
+    build_datasets,
     check_supported,
     make_forward_step,
     reference_logps,
@@ -257,7 +259,6 @@ def test_an_incomplete_or_stale_cache_is_refused(tmp_path, reference_ckpt):
         (["loss.normalization=per_class"], "loss.normalization=per_class is not supported"),
         (["train.sft_steps=10"], "train.sft_steps=10 is not supported"),
         (["data.packing=masked"], "data.packing=masked is not supported"),
-        (["data.balance_classes=true"], "data.balance_classes=true is not supported"),
         (["reference.cache_path=null"], "loss.name=pointwise_dpo needs the reference log-probs"),
     ],
 )
@@ -363,12 +364,14 @@ def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference
         virtual_pipeline_model_parallel_size=None,
         sequence_parallel=False,
     )
-    train, valid, test = provider(None)
-    assert (len(train), len(valid), test) == (len(data.train), len(data.eval), None)
-    demo = next(i for i, r in enumerate(data.train) if r.is_demo)
-    other = next(i for i, r in enumerate(data.train) if not r.is_demo)
+    train, valid, test = provider([3 * len(data.train), 16, 0])  # --train-iters: 3 epochs
+    assert (len(train), len(valid), test) == (3 * len(data.train), len(data.eval), None)
+    stream = GlobalBatchSampler(len(data.train), global_batch_size=8, seed=config.train.seed)
+    row_of = stream.stream(0, 200)  # item i is position i of the training sample stream
+    demo = next(i for i in range(200) if data.train[row_of[i]].is_demo)
+    other = next(i for i in range(200) if not data.train[row_of[i]].is_demo)
     assert math.isnan(train[demo]["ref_logps"].item())
-    expected = np.float32(-1.0 - data.train[other].row_index / 10)
+    expected = np.float32(-1.0 - data.train[row_of[other]].row_index / 10)
     assert train[other]["ref_logps"].item() == expected
     assert train[other]["weight"].item() == 1 / 8
 
@@ -380,3 +383,47 @@ def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference
     calls["args"].tensor_model_parallel_size = 2
     with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2 differs .*=1"):
         model(True, True)  # refused before any model is built
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_megatron_lm_sampler_takes_the_global_batches_of_megatron_pwdpo_train(balance):
+    """Megatron-LM's sequential sampler takes global batch k from items [k G, (k+1) G):
+    they must be the rows ``megatron-pwdpo train`` puts in its global batch k, across
+    epochs (a new permutation each), for as many samples as Megatron-LM asks."""
+    config = load_config(DEFAULT_CONFIG, ["train.sft_steps=0", f"data.balance_classes={balance}"])
+
+    def row(i, first, label):  # a row is told apart by its first token
+        return TokenizedRow(i, np.array([first, 6, 7]), 1, label, False, f"r{first}")
+
+    rows = [row(i, 5 + i, float(i % 3 == 0)) for i in range(10)]
+    held_out = [row(i, 40 + i, 1.0) for i in range(3)]
+    tokenizer = types.SimpleNamespace(pad_id=0)
+    data = types.SimpleNamespace(train=rows, eval=held_out, tokenizer=tokenizer)
+    G = 4
+    refs = {r.id: -1.0 for r in rows + held_out}
+    train, valid = build_datasets(config, data, refs, global_batch_size=G, num_samples=[44, 7])
+    assert (len(train), len(valid)) == (44, 7)
+
+    def row_of(item: int) -> int:
+        return int(train[item]["tokens"][0]) - 5
+
+    sampler = GlobalBatchSampler(
+        len(rows),
+        global_batch_size=G,
+        seed=config.train.seed,
+        labels=[r.label for r in rows],
+        balance=balance,
+    )  # as run_stage builds it for the point-wise DPO stage
+    for k in range(44 // G):
+        got = [row_of(i) for i in range(k * G, (k + 1) * G)]
+        assert got == sampler.global_batch(k * G).tolist(), k
+    epochs = [[row_of(i) for i in range(e * 10, e * 10 + 10)] for e in (0, 1)]
+    if balance:  # desirable and undesirable rows alternate in pairs
+        labels = [rows[i].label > 0.5 for i in epochs[0]]
+        assert all(labels[j] != labels[j + 1] for j in range(0, len(labels), 2))
+    else:  # each epoch a permutation, a new one
+        assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10))
+        assert epochs[0] != epochs[1]
+    assert [int(valid[i]["tokens"][0]) for i in range(7)] == [40, 41, 42, 40, 41, 42, 40]
+    with pytest.raises(IndexError):
+        train[44]
