@@ -316,6 +316,7 @@ def model_provider(config: RunConfig):
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
+            precision=config.precision,
         )
 
     return provide

@@ -53,8 +53,9 @@ def add_args(parser):
 
 
 def check_flags(args, config):
-    """Megatron-LM's flags that the YAML's model and data must agree with."""
-    p, d = config.parallel, config.data
+    """Megatron-LM's flags that the YAML's model, precision and data must agree with."""
+    p, d, prec = config.parallel, config.data, config.precision
+    fp8 = prec.fp8 is not None
     pairs = [
         ("--tensor-model-parallel-size", args.tensor_model_parallel_size, p.tensor_parallel),
         ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size, p.pipeline_parallel),
@@ -65,6 +66,10 @@ def check_flags(args, config):
         ),
         ("--sequence-parallel", bool(args.sequence_parallel), p.sequence_parallel),
         ("--seq-length", args.seq_length, d.seq_length),
+        ("--bf16", bool(getattr(args, "bf16", False)), prec.dtype == "bf16"),
+        ("--fp16", bool(getattr(args, "fp16", False)), False),
+        ("--fp8-format", getattr(args, "fp8", None), prec.fp8_format if fp8 else None),
+        ("--fp8-recipe", getattr(args, "fp8_recipe", None) if fp8 else None, prec.fp8),
     ]
     keys = [
         "parallel.tensor_parallel",
@@ -72,6 +77,10 @@ def check_flags(args, config):
         "parallel.virtual_pipeline",
         "parallel.sequence_parallel",
         "data.seq_length",
+        "precision.dtype (bf16)",
+        "precision.dtype (fp16 is not offered)",
+        "precision.fp8_format (with precision.fp8)",
+        "precision.fp8",
     ]
     for (flag, theirs, ours), key in zip(pairs, keys, strict=True):
         if theirs != ours:

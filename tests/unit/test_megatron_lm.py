@@ -383,6 +383,10 @@ def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference
     calls["args"].tensor_model_parallel_size = 2
     with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2 differs .*=1"):
         model(True, True)  # refused before any model is built
+    calls["args"].tensor_model_parallel_size = 1
+    calls["args"].bf16 = True  # the YAML trains in fp32
+    with pytest.raises(ConfigError, match=r"--bf16 True differs from the YAML's precision.dtype"):
+        model(True, True)
 
 
 @pytest.mark.parametrize("balance", [False, True])
