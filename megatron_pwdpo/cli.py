@@ -61,7 +61,11 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-pwdpo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="megatron-pwdpo",
+        description="Point-wise preference alignment (point-wise DPO, ULMA) on Megatron-Core. "
+        "Run 'megatron-pwdpo COMMAND --help' for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a policy (SFT, point-wise DPO, ...)")

@@ -295,7 +295,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmd = subparsers.add_parser(
         "config-reference",
         help="print the markdown reference of every config option (docs/config.md)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     _add_arguments(cmd)
     cmd.set_defaults(func=lambda args: _run(args.check))
@@ -303,7 +303,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_pwdpo.config_reference", description=__doc__.split("\n\n")[0]
+        prog="python -m megatron_pwdpo.config_reference",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     _add_arguments(parser)
     return _run(parser.parse_args(argv).check)

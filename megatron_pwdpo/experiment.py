@@ -319,7 +319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "experiment",
         help="SFT, DPO, point-wise DPO, KTO and ULMA compared over seeds (table + plot)",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
     )
     p.add_argument("--config", type=Path, required=True, help="e.g. examples/reproduce/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides (experiment.seeds=[1], ...)")

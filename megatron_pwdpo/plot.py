@@ -201,7 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmd = subparsers.add_parser(
         "plot",
         help="draw a run's loss, held-out accuracy and rewards from its metrics.jsonl",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     cmd.add_argument("run_dir", type=Path, help="a run directory (holds metrics.jsonl)")
     cmd.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/curves.png)")

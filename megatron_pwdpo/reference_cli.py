@@ -148,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre = subparsers.add_parser(
         "precompute-ref",
         help="write the reference's per-row log-probs once (for reference.mode=cache)",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
     )
     pre.add_argument("--config", type=Path, default=None, help="the training run's YAML config")
     pre.add_argument("--out", type=Path, required=True, help="cache file to write (.npz)")

@@ -153,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre = subparsers.add_parser(
         "preprocess",
         help="convert a data set to canonical rows, or tokenise it once (memory-mapped)",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
     )
     _add_source_options(pre)
     pre.add_argument("--input", required=True, help="file, datasets folder or hf:OWNER/NAME")
