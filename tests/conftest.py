@@ -84,6 +84,22 @@ def save_initial_weights(model_args: list[str], run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def write_reference_cache(path: Path, config, rows, tokenizer, logps) -> None:
+    """A reference cache as ``precompute-ref`` writes it for ``config``, holding ``rows``
+    with the given per-row ``logps`` (so a test knows every value it reads back)."""
+    from megatron_pwdpo.reference_cache import cache_fingerprint, row_digests
+    from megatron_pwdpo.reference_cli import write_cache
+
+    write_cache(
+        path,
+        ids=[r.id for r in rows],
+        logps=logps,
+        digests=row_digests(rows),
+        fingerprint=cache_fingerprint(config, tokenizer),
+        source="test",
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

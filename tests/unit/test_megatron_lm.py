@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_reference_cache
 
 from megatron_pwdpo.batches import rank_micro_batches
 from megatron_pwdpo.cli import DEFAULT_CONFIG
@@ -30,8 +31,7 @@ from megatron_pwdpo.megatron_lm import (
     reference_logps,
     unsupported,
 )
-from megatron_pwdpo.reference_cache import cache_fingerprint, cache_rows, row_digests
-from megatron_pwdpo.reference_cli import write_cache
+from megatron_pwdpo.reference_cache import cache_rows
 from megatron_pwdpo.step import loss_func
 
 TOKENIZER = DEFAULT_CONFIG.parent / "data" / "tokenizer.model"
@@ -193,14 +193,7 @@ def _config(ckpt, *extra):
 def _write(path, config, rows, tokenizer):
     """A cache as precompute-ref writes it, with log-prob ``-1 - row_index / 10``."""
     logps = np.array([-1.0 - r.row_index / 10 for r in rows], dtype=np.float32)
-    write_cache(
-        path,
-        ids=[r.id for r in rows],
-        logps=logps,
-        digests=row_digests(rows),
-        fingerprint=cache_fingerprint(config, tokenizer),
-        source="test",
-    )
+    write_reference_cache(path, config, rows, tokenizer, logps)
 
 
 def test_ulma_reads_a_precompute_ref_cache_without_demonstrations(tmp_path, reference_ckpt):

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import write_reference_cache
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG, main
 from megatron_pwdpo.config import ConfigError, load_config
@@ -22,9 +23,7 @@ from megatron_pwdpo.reference_cache import (
     cache_logps_by_id,
     checkpoint_digest,
     load_cache_table,
-    row_digests,
 )
-from megatron_pwdpo.reference_cli import write_cache
 
 TOKENIZER = DEFAULT_CONFIG.parent / "data" / "tokenizer.model"
 
@@ -160,18 +159,9 @@ def _config(ckpt, *extra):
 
 
 def _write(path, config, rows, *, logps=None):
-    from megatron_pwdpo.reference_cache import cache_fingerprint
-
     tokenizer = load_tokenizer(TOKENIZER)
     logps = -np.arange(1, len(rows) + 1, dtype=np.float32) if logps is None else logps
-    write_cache(
-        path,
-        ids=[r.id for r in rows],
-        logps=logps,
-        digests=row_digests(rows),
-        fingerprint=cache_fingerprint(config, tokenizer),
-        source="test",
-    )
+    write_reference_cache(path, config, rows, tokenizer, logps)
     return tokenizer
 
 
