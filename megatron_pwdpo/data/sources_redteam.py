@@ -177,13 +177,14 @@ def red_team_rows(
         logger.warning("%s: skipped %d transcripts with an empty response", path, len(skipped))
     if not kept:
         raise DataError("no usable transcripts (all had an empty response)", path=path)
+    scores = np.array(values)
     if score == "rating":
-        labels = rating_labels(np.array(values))
+        labels = rating_labels(scores)
     elif normalisation == "minmax":
-        _warn_outside(np.array(values), score_range, path=path)
-        labels = minmax_labels(np.array(values), score_range=score_range)
+        _warn_outside(scores, score_range, path=path)
+        labels = minmax_labels(scores, score_range=score_range)
     else:
-        labels = logistic_labels(np.array(values), center=center, scale=scale)
+        labels = logistic_labels(scores, center=center, scale=scale)
     return [
         PointwiseRow(f"rt-{index:06d}", prompt, response, float(label), "feedback")
         for (index, prompt, response), label in zip(kept, labels, strict=True)
