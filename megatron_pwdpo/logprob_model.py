@@ -33,6 +33,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from torch.utils.checkpoint import checkpoint
 
+from megatron_pwdpo import compat
+
 
 class LogprobGPTModel(GPTModel):
     """GPTModel whose cross-entropy excludes padded vocabulary rows and can be chunked
@@ -77,16 +79,10 @@ class LogprobGPTModel(GPTModel):
         return chunked_cross_entropy(hidden, labels, self._cross_entropy, chunk_size=chunk)
 
     def _final_hidden_states(self, *args, **kwargs) -> torch.Tensor:
-        """``[s, b, h]``: the decoder's output (final norm applied), before the output layer.
-
-        GPTModel returns exactly this when ``post_process`` is False (the decoder block was
-        built with its final norm; the flag is read again only to skip the output layer).
-        """
-        self.post_process = False
-        try:
-            return super().forward(*args, labels=None, **kwargs)
-        finally:
-            self.post_process = True
+        """``[s, b, h]``: the decoder's output (final norm applied), before the output layer
+        (how GPTModel is stopped there depends on the megatron-core release: see
+        :func:`megatron_pwdpo.compat.final_hidden_states`)."""
+        return compat.final_hidden_states(self, super().forward, *args, **kwargs)
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``[c, b, h]`` hidden states, ``[b, c]`` labels -> ``[b, c]`` per-token

@@ -140,7 +140,8 @@ def transformer_config(
             masked_softmax_fusion=False,
             bias_activation_fusion=False,
             bias_dropout_fusion=False,
-            # 0.16.1: needed for variable sequence lengths under PP even for dense models.
+            # Needed for variable sequence lengths under PP even for dense models (0.16.1
+            # to 0.19.2: TransformerConfig refuses the default "allgather" dispatcher with them).
             moe_token_dispatcher_type="alltoall",
             # gloo pairs a batch of sends and receives to the same peer in posting order,
             # so with PP=2 under interleaving a forward activation and a backward gradient
