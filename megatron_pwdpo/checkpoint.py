@@ -78,11 +78,66 @@ def _rng_sharded_object(*, is_loading: bool):
     )
 
 
+# How the distributed optimizer lays out its state in a checkpoint (megatron-core's
+# ``DistributedOptimizer.sharded_state_dict(metadata=...)``; Megatron-LM passes the same
+# keys). ``fully_reshardable``: the state is gathered per parameter, in the model's own
+# shapes, so a checkpoint loads at any TP/PP/DP (and into the plain optimizer); the
+# gather goes over gloo to data-parallel rank 0 (host memory, ``mem_efficient``), not to
+# every GPU. Without the sharding type, megatron-core 0.16-0.19 fall back to the
+# deprecated ``fully_sharded_model_space``, whose flattened ranges torch_dist refuses.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+def _inner_optimizers(optimizer) -> list:
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [getattr(part, "optimizer", None) for part in parts]
+
+
+def materialise_adam_state(optimizer) -> int:
+    """Give torch's Adam/AdamW the state its first ``step()`` would create, where it has
+    none yet; returns how many parameters got one.
+
+    torch's Adam creates ``step`` (a 0-d fp32 0), ``exp_avg`` and ``exp_avg_sq`` (zeros)
+    lazily, at the first ``step()``, and only for a parameter whose state is empty, so the
+    update is unchanged by creating them earlier. Megatron's distributed optimizer reads
+    ``step`` from that state whenever it builds a state dict without Transformer Engine's
+    or apex's fused Adam (``distrib_optimizer.py``: ``assert len(steps) == 1``), so a save
+    or a resume before the first step (a checkpoint of the initial weights, a preemption
+    during the first step) failed. Fused Adams keep ``step`` in the param groups: left alone.
+    """
+    created = 0
+    for inner in _inner_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                continue  # their step lives on the device: let torch create it
+            for param in group["params"]:
+                state = inner.state[param]
+                if state:
+                    continue
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        param, memory_format=torch.preserve_format
+                    )
+                created += 1
+    return created
+
+
 def _state(chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sharded_state_dict(chunks), is_loading=is_loading
+            model_sharded_state_dict(chunks),
+            is_loading=is_loading,
+            metadata=dict(OPTIMIZER_METADATA),
         )
         state["rng_state"] = _rng_sharded_object(is_loading=is_loading)
     return state

@@ -52,8 +52,9 @@ def init_distributed(
     """
     from megatron.core import parallel_state
 
-    from megatron_pwdpo import cpu_bridge
+    from megatron_pwdpo import compat, cpu_bridge
 
+    compat.install()
     world = world_from_env()
     if world.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -27,9 +27,11 @@ reference forward may run in bf16 (``fp8_reference=False``, the default: the ref
 log-probs enter every reward, and a forward-only pass gains less from FP8) or in FP8
 (:func:`reference_precision` switches the chunks' ``config.fp8`` off around it).
 
-Transformer Engine is imported lazily and only on CUDA machines; on CPU, configs with
-``precision.fp8`` or ``precision.dtype=bf16`` are refused at validation (see
-:func:`check_supported`).
+Transformer Engine is imported lazily and only on CUDA machines; configs with
+``precision.fp8`` are refused at validation where it is missing
+(:func:`megatron_pwdpo.platform.refusal`). bf16 runs everywhere: on CPU Megatron-Core's
+mixed-precision optimizer and ``Float16Module`` run through the CPU bridge
+(:mod:`megatron_pwdpo.cpu_bridge`), the same code as on GPU.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class PrecisionConfig:
     """Numeric precision of the run.
 
     Attributes:
-        dtype: parameter and activation dtype: ``fp32`` (the default; the only one on
-            CPU) or ``bf16`` (fp32 master weights and gradient reduction in Megatron's
-            optimizer; needs CUDA).
+        dtype: parameter and activation dtype: ``fp32`` (the default) or ``bf16`` (the
+            model in bf16 in Megatron's ``Float16Module``; fp32 master weights in
+            Megatron's mixed-precision optimizer and fp32 gradient reduction; log-probs and
+            losses in fp32). Both run on CPU and GPU.
         fp8: run the transformer layers' GEMMs in FP8 with this Transformer Engine
             recipe (``delayed``, ``tensorwise`` = current scaling, ``mxfp8`` =
             Blackwell block scaling); ``None`` = no FP8. Needs ``dtype: bf16``, CUDA and
@@ -119,35 +122,16 @@ def have_transformer_engine() -> bool:
 
 
 def check_supported(precision: PrecisionConfig) -> str | None:
-    """Why this machine cannot run ``precision``, in one line, or None if it can.
+    """What is wrong with ``precision`` itself, in one line, or None.
 
-    bf16 needs CUDA (Megatron's bf16 optimizer wrapper checks for CUDA tensors); FP8
-    needs bf16, CUDA with compute capability >= 8.9 (Ada/Hopper; ``mxfp8``: >= 10,
-    Blackwell) and Transformer Engine.
+    FP8 needs ``dtype: bf16``; the amax history is positive. What the machine must have
+    (CUDA, Transformer Engine and its version, the compute capability) is
+    :func:`megatron_pwdpo.platform.refusal`'s.
     """
     if precision.fp8 is not None and precision.dtype != "bf16":
         return f"precision.fp8={precision.fp8} needs precision.dtype=bf16"
     if precision.fp8_amax_history_len <= 0:
         return "precision.fp8_amax_history_len: must be positive"
-    if precision.dtype == "fp32" and precision.fp8 is None:
-        return None
-    what = f"precision.fp8={precision.fp8}" if precision.fp8 else "precision.dtype=bf16"
-    if not torch.cuda.is_available():
-        return (
-            f"{what} needs CUDA (Megatron-Core's bf16/FP8 paths are GPU-only); on CPU use "
-            "precision.dtype=fp32"
-        )
-    if precision.fp8 is None:
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    need = (10, 0) if precision.fp8 == "mxfp8" else (8, 9)
-    if (major, minor) < need:
-        return (
-            f"{what} needs a GPU of compute capability >= {need[0]}.{need[1]}, this one is "
-            f"{major}.{minor}" + (" (MXFP8 is Blackwell-only)" if precision.fp8 == "mxfp8" else "")
-        )
-    if not have_transformer_engine():
-        return f"{what} needs NVIDIA Transformer Engine: pip install 'megatron-pwdpo[gpu]'"
     return None
 
 

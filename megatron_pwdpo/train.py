@@ -39,6 +39,7 @@ from megatron_pwdpo.run_plan import (
     ResumePoint,
     Stage,
     check_init_checkpoint,
+    follow_checkpoint_optimizer,
     plan_stages,
     resume_point,
     stages_to_run,
@@ -276,6 +277,8 @@ class Runner:
             "scheduler": scheduler.state_dict(),
             "layout": checkpoint.layout(),
             "skipped_steps": self.bad_steps.total,
+            # the optimizer state's format: a resume builds the same optimizer
+            "distributed_optimizer": self.policy[0].ddp_config.use_distributed_optimizer,
         }
         path = checkpoint.save_checkpoint(
             self.policy,
@@ -390,6 +393,8 @@ def train(config: RunConfig) -> dict[str, float]:
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
     stages = plan_stages(config, data)
     resume = resume_point(config)
+    if resume is not None:
+        config = follow_checkpoint_optimizer(config, resume.common, path=resume.path)
     runner = _start(config, data, resume)
     final: dict[str, float] = {}
     for stage, resume_from in stages_to_run(stages, resume):

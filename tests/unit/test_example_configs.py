@@ -11,13 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from megatron_pwdpo import precision
 from megatron_pwdpo.config import ConfigError, RunConfig, load_config
 from megatron_pwdpo.experiment import check_runs, load_experiment
 from megatron_pwdpo.model import padded_vocab_size
+from megatron_pwdpo.platform import GPU_WITH_TE
 from megatron_pwdpo.validation import validate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -60,12 +59,10 @@ def memory_per_gpu(config: RunConfig, world_size: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def on_an_h100_node(monkeypatch):
-    """Validation checks the machine (bf16, FP8 and sequence parallelism need CUDA, FP8 a
-    Hopper GPU and Transformer Engine): answer as an H100 node would."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(precision, "have_transformer_engine", lambda: True)
+def on_an_h100_node():
+    """Validation checks the platform (FP8 and sequence parallelism need Transformer
+    Engine, FP8 a Hopper GPU): the platform of an H100 node with TE and apex."""
+    return GPU_WITH_TE
 
 
 def test_the_tiny_default_validates_on_cpu():
@@ -83,10 +80,10 @@ def test_cluster_config_matches_its_name_and_fits(path, on_an_h100_node):
     match = TOPOLOGY.search(path.stem)
     assert match, f"{path.name}: the name should encode NODESnGPUSg-tpTPppPP"
     nodes, gpus, tp, pp = map(int, match.groups())
-    config = load_config(path)
+    config = load_config(path, on=on_an_h100_node)
     assert (config.parallel.tensor_parallel, config.parallel.pipeline_parallel) == (tp, pp)
     assert tp <= gpus, "tensor parallelism stays within a node"
-    validate(config, world_size=nodes * gpus)
+    validate(config, world_size=nodes * gpus, on=on_an_h100_node)
     assert Path(config.run_dir).name == path.stem
     assert config.precision.dtype == "bf16"
     assert (config.precision.fp8 is not None) == path.stem.endswith("-fp8")
@@ -98,8 +95,8 @@ def test_cluster_config_matches_its_name_and_fits(path, on_an_h100_node):
 
 @pytest.mark.parametrize("bf16", [p for p in CLUSTER_CONFIGS if p.stem.endswith("-bf16")])
 def test_fp8_config_differs_from_bf16_only_in_precision(bf16, on_an_h100_node):
-    a = load_config(bf16)
-    b = load_config(bf16.with_name(bf16.name.replace("-bf16", "-fp8")))
+    a = load_config(bf16, on=on_an_h100_node)
+    b = load_config(bf16.with_name(bf16.name.replace("-bf16", "-fp8")), on=on_an_h100_node)
     assert dataclasses.replace(b, run_dir=a.run_dir, precision=a.precision) == a
 
 
