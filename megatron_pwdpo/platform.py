@@ -153,6 +153,7 @@ class BuildPlan:
         packing: the ``data.packing`` layouts the attention honours (besides ``none``).
         token_multiple: a micro-batch's width is a multiple of this (see
             :func:`token_multiple`).
+        fp8: the FP8 recipe of the policy's transformer layers, or None.
     """
 
     layer_spec: LayerSpec
@@ -162,6 +163,7 @@ class BuildPlan:
     distributed_optimizer: bool = False
     packing: frozenset[str] = frozenset()
     token_multiple: int = 16
+    fp8: str | None = None
 
     def describe(self) -> str:
         """One line for the run's log: what the model is built from."""
@@ -170,6 +172,7 @@ class BuildPlan:
             f"layer spec {self.layer_spec}, attention {self.attention}, backend "
             f"{self.backend}, distributed optimizer {'on' if self.distributed_optimizer else 'off'}"
             f", fused kernels: {', '.join(fused) or 'none'}"
+            + (f", fp8 {self.fp8}" if self.fp8 else "")
         )
 
 
@@ -202,6 +205,17 @@ def token_multiple(
     return multiple
 
 
+def config_token_multiple(config) -> int:
+    """:func:`token_multiple` of a :class:`~megatron_pwdpo.config.RunConfig`: the one rule
+    every batch path (training, the reference, evaluation, precompute) pads by."""
+    p = config.parallel
+    return token_multiple(
+        tensor_parallel=p.tensor_parallel,
+        sequence_parallel=p.sequence_parallel,
+        fp8=config.precision.fp8,
+    )
+
+
 def plan_build(config, platform: Platform, *, data_parallel: int = 1) -> BuildPlan:
     """Every platform decision for ``config`` (a :class:`~megatron_pwdpo.config.RunConfig`
     or anything with its ``model``, ``parallel`` and ``precision`` sections) on
@@ -225,6 +239,11 @@ def plan_build(config, platform: Platform, *, data_parallel: int = 1) -> BuildPl
         "batch_p2p_comm": platform.cuda,
     }
     precision = getattr(config, "precision", None)
+    data = getattr(config, "data", None)
+    if getattr(precision, "fp8", None) == "delayed":
+        # packed data-parallel ranks run different numbers of micro-batches: an amax
+        # all-reduce over TP x DP would wait for ranks that never join it
+        fields["tp_only_amax_red"] = getattr(data, "packing", "none") != "none"
     return BuildPlan(
         layer_spec=layer_spec,
         attention=attention,
@@ -239,6 +258,7 @@ def plan_build(config, platform: Platform, *, data_parallel: int = 1) -> BuildPl
             sequence_parallel=p.sequence_parallel,
             fp8=getattr(precision, "fp8", None),
         ),
+        fp8=getattr(precision, "fp8", None),
     )
 
 

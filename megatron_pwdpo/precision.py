@@ -22,10 +22,16 @@ gradients, the usual choice; ``e4m3`` uses E4M3 both ways.
 Megatron-Core enters the autocast itself (``TransformerBlock`` asks
 ``megatron.core.fp8_utils.get_fp8_context(config)``), so a model built from a
 :class:`~megatron.core.transformer.TransformerConfig` with ``fp8`` and ``fp8_recipe``
-set needs nothing more; :func:`transformer_config_kwargs` is the mapping. The policy's
-reference forward may run in bf16 (``fp8_reference=False``, the default: the reference
-log-probs enter every reward, and a forward-only pass gains less from FP8) or in FP8
-(:func:`reference_precision` switches the chunks' ``config.fp8`` off around it).
+set needs nothing more; :func:`transformer_config_kwargs` is the mapping. The reference
+forward runs in the policy's precision by default (``fp8_reference=auto`` with the
+current-scaling recipes), so that the implicit reward ``beta (log pi - log pi_ref)`` is
+exactly 0 at step 0 and carries no quantisation bias; with ``delayed`` scaling it runs in
+bf16 (:func:`reference_runs_fp8`; :func:`reference_precision` switches the chunks'
+``config.fp8`` off around it). ``delayed`` with packed rows reduces the amax over the
+tensor-parallel group only (``tp_only_amax_red``, set by
+:func:`megatron_pwdpo.platform.plan_build`): packed data-parallel ranks run different
+numbers of micro-batches, and an amax all-reduce over data parallel would then wait for
+ranks that never join it.
 
 Transformer Engine is imported lazily and only on CUDA machines; configs with
 ``precision.fp8`` are refused at validation where it is missing
@@ -61,14 +67,21 @@ class PrecisionConfig:
             Transformer Engine.
         fp8_format: ``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3``.
         fp8_amax_history_len: steps of amax history of the ``delayed`` recipe.
-        fp8_reference: run the reference model's forward in FP8 too (default: bf16).
+        fp8_reference: run the reference model's forward in FP8 too: ``auto`` (the
+            default) does for the current-scaling recipes (``tensorwise``, ``mxfp8``),
+            whose scales come from the tensor being cast, so that at step 0 the policy
+            and the reference compute the same numbers (rewards 0, loss ln 2) and a reward
+            carries no quantisation bias; for ``delayed`` the reference runs in bf16
+            (``true`` is refused there: delayed scales come from an amax history that a
+            forward under ``no_grad`` never updates), and the step-0 rewards then carry
+            the policy's FP8 rounding. ``true``/``false`` force it.
     """
 
     dtype: Literal["fp32", "bf16"] = "fp32"
     fp8: Fp8Recipe | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
     fp8_amax_history_len: int = 1024
-    fp8_reference: bool = False
+    fp8_reference: Literal["auto", True, False] = "auto"
 
 
 def params_dtype(precision: PrecisionConfig | None) -> torch.dtype:
@@ -121,6 +134,26 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def reference_runs_fp8(precision: PrecisionConfig | None) -> bool:
+    """Whether the reference forward runs in FP8 (``precision.fp8_reference``)."""
+    if precision is None or precision.fp8 is None:
+        return False
+    if precision.fp8_reference == "auto":
+        return precision.fp8 in ("tensorwise", "mxfp8")
+    return bool(precision.fp8_reference)
+
+
+def reference_numerics(precision: PrecisionConfig | None) -> str:
+    """How the reference's log-probs are computed (``fp32``, ``bf16``, or ``bf16+fp8:
+    RECIPE/FORMAT``): part of a reference cache's fingerprint, so that a cache made in one
+    precision is refused by a run in another."""
+    if precision is None:
+        return "fp32"
+    if reference_runs_fp8(precision):
+        return f"{precision.dtype}+fp8:{precision.fp8}/{precision.fp8_format}"
+    return precision.dtype
+
+
 def check_supported(precision: PrecisionConfig) -> str | None:
     """What is wrong with ``precision`` itself, in one line, or None.
 
@@ -132,6 +165,12 @@ def check_supported(precision: PrecisionConfig) -> str | None:
         return f"precision.fp8={precision.fp8} needs precision.dtype=bf16"
     if precision.fp8_amax_history_len <= 0:
         return "precision.fp8_amax_history_len: must be positive"
+    if precision.fp8 == "delayed" and precision.fp8_reference is True:
+        return (
+            "precision.fp8_reference=true with precision.fp8=delayed: the reference's delayed "
+            "scales come from an amax history that its no-grad forward never updates; use "
+            "precision.fp8=tensorwise, or fp8_reference=auto (bf16 reference)"
+        )
     return None
 
 
@@ -156,14 +195,15 @@ def _model_config(chunk: torch.nn.Module):
 def reference_precision(
     precision: PrecisionConfig | None, chunks: Iterable[torch.nn.Module]
 ) -> Iterator[None]:
-    """Run the reference forward in bf16 unless ``precision.fp8_reference``.
+    """Run the reference forward in bf16 unless it runs in FP8
+    (:func:`reference_runs_fp8`).
 
     Megatron-Core decides per forward whether to enter FP8 autocast from
     ``config.fp8``; within this block it is ``None`` on every given chunk (the
     reference's, and the policy's, which the ``offload`` reference runs), and restored
-    after. A no-op without FP8 or with ``fp8_reference``.
+    after. A no-op without FP8 or when the reference runs in FP8.
     """
-    if precision is None or precision.fp8 is None or precision.fp8_reference:
+    if precision is None or precision.fp8 is None or reference_runs_fp8(precision):
         yield
         return
     configs = {id(c): c for c in (_model_config(ch) for ch in chunks) if c is not None}

@@ -267,7 +267,7 @@ def build_reference(
             dp_size=1,
             micro_batch_size=config.train.micro_batch_size,
             pad_id=data.tokenizer.pad_id,
-            **packing_options(d),
+            **packing_options(config),
         )
 
     common = {"rebatch": rebatch, "is_last_stage": is_last_stage}

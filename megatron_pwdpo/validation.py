@@ -103,6 +103,14 @@ def validate(
         not p.sequence_parallel or p.tensor_parallel > 1,
         "parallel.sequence_parallel needs parallel.tensor_parallel > 1",
     )
+    multiple = platform.config_token_multiple(config)
+    _require(
+        d.seq_length % multiple == 0 or not (p.sequence_parallel or config.precision.fp8),
+        f"data.seq_length ({d.seq_length}) must be a multiple of {multiple} with "
+        f"parallel.sequence_parallel / precision.fp8 at tensor_parallel {p.tensor_parallel} "
+        "(fixed-width micro-batches are split along the sequence over the tensor-parallel "
+        "ranks, and FP8 GEMMs need aligned tokens per rank)",
+    )
     unsupported = check_supported(config.precision) or platform.refusal(
         config, on or platform.detect()
     )

@@ -193,3 +193,41 @@ def test_token_multiple(tp, sp, fp8, want):
     if sp:  # every width it gives splits into whole, FP8-aligned pieces per rank
         per_rank = multiple // tp
         assert multiple % tp == 0 and (fp8 is None or per_rank % (32 if fp8 == "mxfp8" else 8) == 0)
+
+
+def test_delayed_fp8_with_packing_reduces_the_amax_over_tensor_parallel_only(te_answers):
+    """Packed data-parallel ranks run different numbers of micro-batches: delayed scaling's
+    amax all-reduce must not span data parallel (it would wait for ranks that never join)."""
+    for packing, tp_only in (("thd", True), ("none", False)):
+        config = load_config(
+            None,
+            ["precision.dtype=bf16", "precision.fp8=delayed", f"data.packing={packing}"],
+            on=GPU_WITH_TE,
+        )
+        plan = plan_build(config, GPU_WITH_TE, data_parallel=2)
+        assert plan.transformer_config["tp_only_amax_red"] is tp_only
+        tc = transformer_config(
+            config.model, config.parallel, precision=config.precision, plan=plan
+        )
+        assert tc.tp_only_amax_red is tp_only and tc.fp8_recipe == "delayed"
+
+
+def test_the_reference_runs_in_the_policys_precision_by_default():
+    from megatron_pwdpo.precision import PrecisionConfig, reference_numerics, reference_runs_fp8
+
+    assert reference_runs_fp8(PrecisionConfig(dtype="bf16", fp8="tensorwise"))
+    assert reference_runs_fp8(PrecisionConfig(dtype="bf16", fp8="mxfp8"))
+    assert not reference_runs_fp8(PrecisionConfig(dtype="bf16", fp8="delayed"))
+    assert not reference_runs_fp8(
+        PrecisionConfig(dtype="bf16", fp8="tensorwise", fp8_reference=False)
+    )
+    assert reference_numerics(PrecisionConfig(dtype="bf16", fp8="tensorwise")) == (
+        "bf16+fp8:tensorwise/hybrid"
+    )
+    assert reference_numerics(PrecisionConfig(dtype="bf16", fp8="delayed")) == "bf16"
+    with pytest.raises(ConfigError, match="delayed scales come from an amax history"):
+        load_config(
+            None,
+            ["precision.dtype=bf16", "precision.fp8=delayed", "precision.fp8_reference=true"],
+            on=GPU_WITH_TE,
+        )
