@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_pwdpo import platform
 from megatron_pwdpo.resilience import usr1_kept_from_helpers
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _rng_sharded_object(*, is_loading: bool):
     if not is_loading:
         state = {
             "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if platform.detect().cuda else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
         }
     return ShardedObject(
@@ -265,7 +266,7 @@ def load_checkpoint(
         if same_layout:
             rng = loaded["rng_state"]
             torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
+            if rng["cuda"] is not None and platform.detect().cuda:
                 torch.cuda.set_rng_state(rng["cuda"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     return read_common(path)

@@ -176,6 +176,11 @@ class BuildPlan:
         )
 
 
+def plan_backend(platform: Platform) -> Literal["nccl", "gloo"]:
+    """The process-group backend: NCCL on CUDA, gloo (with the CPU bridge) elsewhere."""
+    return "nccl" if platform.cuda else "gloo"
+
+
 def use_distributed_optimizer(setting: bool | str, *, data_parallel: int) -> bool:
     """``parallel.distributed_optimizer``: ``auto`` is on wherever data parallel > 1."""
     if setting == "auto":
@@ -247,7 +252,7 @@ def plan_build(config, platform: Platform, *, data_parallel: int = 1) -> BuildPl
     return BuildPlan(
         layer_spec=layer_spec,
         attention=attention,
-        backend="nccl" if platform.cuda else "gloo",
+        backend=plan_backend(platform),
         transformer_config=fields,
         distributed_optimizer=use_distributed_optimizer(
             getattr(p, "distributed_optimizer", False), data_parallel=data_parallel

@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_pwdpo import checkpoint
+from megatron_pwdpo import checkpoint, platform
 from megatron_pwdpo.config import RunConfig, dump_yaml
 from megatron_pwdpo.data.tokenize import TokenizedRow
 from megatron_pwdpo.step import Batch, run_logps
@@ -142,7 +142,7 @@ class ResidentReference(_Strategy):
 
 def _host_like(t: torch.Tensor) -> torch.Tensor:
     """An empty host tensor for ``t`` (pinned when there is a GPU: faster copies)."""
-    pin = torch.cuda.is_available()
+    pin = platform.detect().cuda  # pinned host memory needs a CUDA device
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
 
 

@@ -29,9 +29,12 @@ ALL_CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 PLATFORMS = {"cpu": CPU, "gpu": GPU_WITHOUT_TE, "gpu-te": GPU_WITH_TE}
 
 
-def test_this_machine_is_the_cpu_platform():
-    assert not torch.cuda.is_available()  # the CPU suite; the GPU check runs tests/gpu
-    assert platform.detect() == CPU
+def test_detect_reports_this_machine():
+    here = platform.detect()
+    if torch.cuda.is_available():
+        assert here.cuda and here.compute_capability == torch.cuda.get_device_capability()
+    else:
+        assert here == CPU
 
 
 def test_cpu_plan():
