@@ -9,6 +9,8 @@ stated tolerance of the fp32 curve from the same initial checkpoint, and differ 
 (bf16 really ran).
 """
 
+import shutil
+
 import numpy as np
 import pytest
 from conftest import TINY, read_metrics, run_cli, save_initial_weights
@@ -58,14 +60,27 @@ def test_distributed_optimizer_gives_the_plain_optimizers_curve(distopt, tmp_pat
     _assert_same_curve(tmp_path, distopt, rtol=1e-6)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(distopt, tmp_path):
-    _crash_at_6(tmp_path, nproc=2, extra=[DISTOPT])
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """A DP=2 distributed-optimizer run that failed at iteration 6 (copied per test)."""
+    run_dir = tmp_path_factory.mktemp("crashed")
+    _crash_at_6(run_dir, nproc=2, extra=[DISTOPT])
+    return run_dir
+
+
+def _copy(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(distopt, crashed, tmp_path):
+    _copy(crashed, tmp_path)
     run_cli([*ARGS, f"run_dir={tmp_path}", DISTOPT], nproc=2)
     _assert_same_curve(distopt, tmp_path, rtol=1e-6)
 
 
-def test_resharded_dp2_to_dp1_continues_the_curve(distopt, tmp_path):
-    _crash_at_6(tmp_path, nproc=2, extra=[DISTOPT])
+def test_resharded_dp2_to_dp1_continues_the_curve(distopt, crashed, tmp_path):
+    _copy(crashed, tmp_path)
     # auto follows the checkpoint: the distributed optimizer at DP=1 loads its state
     run_cli([*ARGS, f"run_dir={tmp_path}"], nproc=1)
     _assert_same_curve(distopt, tmp_path, rtol=2e-5)
