@@ -149,3 +149,24 @@ def test_bf16_curve_is_within_tolerance_of_fp32(tmp_path):
     np.testing.assert_allclose(loss[1], loss[0], rtol=BF16_LOSS_RTOL)
     np.testing.assert_allclose(norm[1], norm[0], rtol=BF16_GRAD_NORM_RTOL)
     assert np.abs(norm[1] - norm[0]).max() > 0  # bf16 really ran: not the fp32 numbers
+
+
+def test_a_save_and_a_resume_before_the_first_update(tmp_path):
+    """The first step is skipped (NaN gradients) and checkpointed: torch's Adam has no
+    state yet, which megatron's distributed optimizer cannot save or load without TE or
+    apex (``checkpoint.materialise_adam_state``). Resuming from that checkpoint gives
+    the uninterrupted curve."""
+    args = [*ARGS, DISTOPT, "train.save_interval=1", "train.keep_checkpoints=10"]
+    full = tmp_path / "full"
+    run_cli([*args, f"run_dir={full}"], nproc=2, env={"PWDPO_FAULT": "nan@1"})
+    first = _curve(full)[1]
+    assert first["skipped_steps"] == 1 and (full / "checkpoints" / "iter_0000001").is_dir()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    (resumed / "checkpoints" / "latest.txt").write_text("1\n")  # as if it stopped there
+    run_cli([*args, f"run_dir={resumed}"], nproc=2)
+    a, b = _curve(full), _curve(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in range(2, 7):
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(b[it][key], a[it][key], rtol=1e-6, err_msg=f"{it} {key}")
