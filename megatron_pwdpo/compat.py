@@ -11,11 +11,20 @@ them once per process (CPU and GPU alike: these are not CUDA bridges, see
   those tensors (torch's ``step`` is restored from the param groups by
   ``load_state_dict``): ``KeyError: 'step'``. The shim copies only the keys the loader
   provides, which is what the fused Adams (whose state has no ``step``) get.
+* ``DistributedOptimizer.load_state_dict`` (0.16.1 - 0.19.2): with torch's Adam it gives
+  every parameter's state the *same* ``step`` tensor (``s["step"] = step`` in a loop), and
+  torch's foreach Adam then adds 1 to that one tensor once per parameter at each update:
+  after a resume the bias correction used a step count of (steps x parameters), a wrong
+  first update (found by ``tests/dist/test_distributed_optimizer.py``: a resumed run left
+  the uninterrupted curve from its first update on). The shim gives each parameter its own
+  copy, as torch's Adam creates them.
 """
 
 from __future__ import annotations
 
 import importlib
+
+import torch
 
 _INSTALLED = False
 
@@ -38,6 +47,21 @@ def _only_provided_keys(original):
     return set_states
 
 
+def _unshared_steps(original):
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        seen: set[int] = set()
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(state["step"]))
+        return result
+
+    return load_state_dict
+
+
 def install() -> None:
     """Apply the shims (idempotent)."""
     global _INSTALLED
@@ -48,4 +72,5 @@ def install() -> None:
     cls._set_main_param_and_optimizer_states = _only_provided_keys(
         cls._set_main_param_and_optimizer_states
     )
+    cls.load_state_dict = _unshared_steps(cls.load_state_dict)
     _INSTALLED = True

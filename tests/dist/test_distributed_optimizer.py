@@ -28,12 +28,22 @@ def _curve(run_dir):
     return {m["iteration"]: m for m in train}
 
 
+def _evals(run_dir):
+    return {(m["stage"], m["step"]): m for m in read_metrics(run_dir) if m.get("split") == "eval"}
+
+
 def _assert_same_curve(want, got, *, rtol):
+    """Per-step loss and gradient norm, and the held-out loss after each stage's last
+    update (the only logged number that sees the update after a resume at iteration 5)."""
     a, b = _curve(want), _curve(got)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for it in a:
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(b[it][key], a[it][key], rtol=rtol, err_msg=f"{it} {key}")
+    ea, eb = _evals(want), _evals(got)
+    assert set(ea) == set(eb) and ("pointwise_dpo", 3) in ea
+    for key in ea:
+        np.testing.assert_allclose(eb[key]["loss"], ea[key]["loss"], rtol=rtol, err_msg=str(key))
 
 
 def _crash_at_6(run_dir, *, nproc, extra=()):
