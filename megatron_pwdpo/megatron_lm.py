@@ -42,6 +42,7 @@ before any work is done. See ``examples/megatron_lm/``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -395,6 +396,33 @@ def _tokenizer_type(config: RunConfig) -> str:
     ]
 
 
+# Defaults only, never contradictions: how often to log, evaluate and save, how many
+# held-out batches to evaluate, and the parallel layout (a launch choice: the model is
+# built for the flags' layout, :func:`with_layout`).
+FREE = "(a default only)"
+
+
+def _layout_args(p) -> list[tuple[str, object]]:
+    return [
+        ("tensor_model_parallel_size", p.tensor_parallel),
+        ("pipeline_model_parallel_size", p.pipeline_parallel),
+        ("sequence_parallel", p.sequence_parallel),
+    ]
+
+
+def with_layout(config: RunConfig, args) -> RunConfig:
+    """``config`` with the parallel layout of Megatron-LM's parsed flags (tensor, pipeline,
+    virtual pipeline, sequence parallel): the layout the model is built for."""
+    layout = dataclasses.replace(
+        config.parallel,
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        virtual_pipeline=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        sequence_parallel=bool(args.sequence_parallel),
+    )
+    return dataclasses.replace(config, parallel=layout)
+
+
 def megatron_args(config: RunConfig, stage: Stage) -> list[tuple[str, object, str]]:
     """The Megatron-LM arguments the YAML implies, as ``(dest, value, YAML key)``: the
     model shape, sequence length, tokenizer, batch sizes, the stage's steps and
@@ -437,19 +465,17 @@ def megatron_args(config: RunConfig, stage: Stage) -> list[tuple[str, object, st
         ("adam_beta2", t.adam_beta2, "train.adam_beta2"),
         ("clip_grad", t.clip_grad, "train.clip_grad"),
         ("seed", t.seed, "train.seed"),
-        ("log_interval", t.log_interval, "train.log_interval"),
-        ("eval_interval", t.eval_interval, "train.eval_interval"),
+        ("log_interval", t.log_interval, FREE),
+        ("eval_interval", t.eval_interval, FREE),
         # the held-out rows, in whole global batches
-        ("eval_iters", len(stage.eval_examples) // t.global_batch_size, "data.eval_rows"),
-        ("tensor_model_parallel_size", p.tensor_parallel, "parallel.tensor_parallel"),
-        ("pipeline_model_parallel_size", p.pipeline_parallel, "parallel.pipeline_parallel"),
-        ("sequence_parallel", p.sequence_parallel, "parallel.sequence_parallel"),
+        ("eval_iters", len(stage.eval_examples) // t.global_batch_size, FREE),
+        *[(dest, value, FREE) for dest, value in _layout_args(p)],
         ("bf16", config.precision.dtype == "bf16", "precision.dtype (bf16)"),
     ]
     if m.kv_channels is not None:
         out.append(("kv_channels", m.kv_channels, "model.kv_channels"))
     if t.save_interval > 0:
-        out.append(("save_interval", t.save_interval, "train.save_interval"))
+        out.append(("save_interval", t.save_interval, FREE))
     return out
 
 
@@ -457,17 +483,16 @@ def contradictions(args, config: RunConfig, stage: Stage) -> list[str]:
     """Megatron-LM's parsed flags (``args``) that differ from the YAML, and settings this
     path refuses; one line each, e.g. ``--hidden-size 256 differs from the YAML's
     model.hidden_size=128``. An argument left unset (None) is not a contradiction: the
-    YAML's value fills it (``args_defaults``)."""
+    YAML's value fills it (``args_defaults``). Intervals, ``--eval-iters`` and the
+    parallel layout are defaults only (``FREE``): the flags choose them."""
     out = []
     for dest, ours, key in megatron_args(config, stage):
         theirs = getattr(args, dest, None)
-        if theirs is not None and theirs != ours:
+        if key != FREE and theirs is not None and theirs != ours:
             out.append(f"--{dest.replace('_', '-')} {theirs} differs from the YAML's {key}={ours}")
-    prec, p = config.precision, config.parallel
+    prec = config.precision
     fp8 = prec.fp8 is not None
     checks = [
-        ("--num-virtual-stages-per-pipeline-rank", "virtual_pipeline_model_parallel_size",
-         p.virtual_pipeline, "parallel.virtual_pipeline"),
         ("--fp16", "fp16", False, "precision.dtype (fp16 is not offered)"),
         ("--fp8-format", "fp8", prec.fp8_format if fp8 else None,
          "precision.fp8_format (with precision.fp8)"),

@@ -13,11 +13,13 @@ of every row with the same YAML (``train.sft_steps: 0`` and ``reference.checkpoi
         --save ckpts --load ckpts
 
 The YAML is the single source of truth: the model shape, sequence length, tokenizer,
-batch sizes, steps, learning-rate schedule, optimizer, seed and parallel layout become
+batch sizes, steps, learning-rate schedule, optimizer, seed and intervals become
 Megatron-LM's defaults (``args_defaults``), so the command needs only the YAML and the
 launch, parallel and checkpoint flags. A Megatron-LM flag that contradicts the YAML
 stops the run with one line naming both values, as do ``--context-parallel-size`` > 1
 and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.megatron_lm.contradictions``).
+The parallel flags (tensor, pipeline, virtual pipeline, sequence parallel) choose the
+layout; the YAML's ``parallel`` section is only their default.
 
 ``--pwdpo-stage sft`` trains the SFT stage of a preference YAML (``train.sft_steps > 0``):
 the demonstrations with token-mean log-probs, as ``megatron-pwdpo train``'s SFT stage.
@@ -60,6 +62,7 @@ from megatron_pwdpo.megatron_lm import (
     megatron_args,
     model_provider,
     prepare,
+    with_layout,
 )
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -129,6 +132,12 @@ def load_problems(argv):
         else ""
     )
     return [f"--load {load} has no {TRACKER}: no checkpoint to load{hint}"]
+
+
+def provide_model(*args, run, **kwargs):
+    """The model provider (``run``: the YAML's config), for the layout of the flags;
+    Megatron-LM 0.16 adds its own ``config=`` and ``pg_collection=`` keywords."""
+    return model_provider(with_layout(run, get_args()))(*args, **kwargs)
 
 
 def datasets_provider(num_samples, vp_stage=None, *, config, data, ref_logps, stage):
@@ -201,7 +210,8 @@ def main(argv=None):
     _skip_dataset_helpers()
     from megatron.training import training
 
-    training.training_log = log_every_metric(training.training_log)
+    if not hasattr(training.training_log, "__wrapped__"):
+        training.training_log = log_every_metric(training.training_log)
     datasets = functools.partial(
         datasets_provider, config=config, data=data, ref_logps=ref_logps, stage=stage
     )
@@ -209,7 +219,7 @@ def main(argv=None):
     sys.argv = [sys.argv[0], *argv]  # Megatron-LM parses sys.argv
     pretrain(
         datasets,
-        model_provider(config),
+        functools.partial(provide_model, run=config),
         ModelType.encoder_or_decoder,
         functools.partial(forward_step, stage=stage),
         extra_args_provider=functools.partial(add_args, run=(config, stage)),
