@@ -520,3 +520,36 @@ def contradictions(args, config: RunConfig, stage: Stage) -> list[str]:
             "the number of tokens instead; drop the flag"
         )
     return out
+
+
+def checkpoint_problems(load: str | Path | None, *, save: str | Path | None = None) -> list[str]:
+    """Why ``--load`` would start from random weights, one line each (empty: it loads).
+
+    Megatron-LM only warns when the folder has no ``latest_checkpointed_iteration.txt``
+    (with ``--exit-on-missing-checkpoint`` it exits with status 0) and trains from random
+    weights; this refuses that, except for ``--load`` equal to ``--save`` (a first run
+    that a later one resumes). A ``megatron-pwdpo train`` checkpoints folder carries the
+    tracker (:data:`megatron_pwdpo.checkpoint.MEGATRON_LM_TRACKER`).
+    """
+    from megatron_pwdpo.checkpoint import MEGATRON_LM_TRACKER, iteration_name
+
+    if load is None:
+        return []
+    load = Path(load)
+    tracker = load / MEGATRON_LM_TRACKER
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        if text == "release" or (text.isdigit() and (load / iteration_name(int(text))).is_dir()):
+            return []
+        return [f"--load {load}: {MEGATRON_LM_TRACKER} names iteration {text!r}, not there"]
+    if save is not None and Path(save).resolve() == load.resolve():
+        return []
+    if (load / "metadata.json").exists() and (load.parent / MEGATRON_LM_TRACKER).exists():
+        return [f"--load {load} is one checkpoint: pass its folder, --load {load.parent}"]
+    hint = ""
+    if (load / "latest.txt").exists():
+        hint = (
+            " (a megatron-pwdpo train checkpoints folder from before the tracker: write "
+            f"the iteration of its latest.txt into {tracker})"
+        )
+    return [f"--load {load} has no {MEGATRON_LM_TRACKER}: no checkpoint to load{hint}"]

@@ -19,7 +19,9 @@ on a GPU it is never imported. It extends :mod:`megatron_pwdpo.cpu_bridge` (whic
 * tensors made with a literal ``device='cuda'`` (loss accumulators, flags, timers),
   ``torch.cuda.Stream`` and the memory reports: ``megatron.training``'s modules see the
   same CPU proxy of ``torch`` as the bridged ``megatron.core`` modules;
-* ``get_device_arch_version()`` (asked at TP > 1) reads the GPU's major version: 0 here.
+* ``get_device_arch_version()`` (asked at TP > 1) reads the GPU's major version: 0 here;
+  below 10 Megatron-LM wants ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (an ordering of CUDA
+  streams, moot on the CPU), which is set unless already set.
 
 Megatron-LM also imports ``triton`` unconditionally (``megatron.core``'s batch-invariant
 kernels, from ``initialize.py``); CPU torch does not ship it. Install the ``triton`` wheel,
@@ -161,5 +163,6 @@ def install() -> bool:
     training.get_model = _on_cpu(training.get_model)
     training.evaluate = _on_cpu(training.evaluate)
     importlib.import_module("megatron.training.arguments").get_device_arch_version = lambda: 0
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _INSTALLED = True
     return True

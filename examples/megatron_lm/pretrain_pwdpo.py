@@ -57,6 +57,7 @@ from megatron_pwdpo.data.schema import DataError
 from megatron_pwdpo.megatron_lm import (
     STAGES,
     build_datasets,
+    checkpoint_problems,
     contradictions,
     make_forward_step,
     megatron_args,
@@ -64,8 +65,6 @@ from megatron_pwdpo.megatron_lm import (
     prepare,
     with_layout,
 )
-
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def add_args(parser, *, run=None):
@@ -107,31 +106,12 @@ def _exit_on(problems):
 
 
 def load_problems(argv):
-    """``--load`` that would silently start from random weights: one line each."""
+    """``--load`` that would start from random weights (``checkpoint_problems``)."""
     flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     flags.add_argument("--load")
     flags.add_argument("--save")
     known, _ = flags.parse_known_args(argv)
-    if known.load is None:
-        return []
-    load = Path(known.load)
-    tracker = load / TRACKER
-    if tracker.exists():
-        text = tracker.read_text().strip()
-        if text == "release" or (text.isdigit() and (load / f"iter_{int(text):07d}").is_dir()):
-            return []
-        return [f"--load {load}: {TRACKER} names iteration {text!r}, which is not there"]
-    if known.save is not None and Path(known.save).resolve() == load.resolve():
-        return []  # --save DIR --load DIR: a first run, resumed from DIR later
-    if (load / "metadata.json").exists() and (load.parent / TRACKER).exists():
-        return [f"--load {load} is one checkpoint: pass its folder, --load {load.parent}"]
-    hint = (
-        " (a megatron-pwdpo train checkpoints folder from before the tracker: write "
-        f"the iteration of latest.txt into {tracker})"
-        if (load / "latest.txt").exists()
-        else ""
-    )
-    return [f"--load {load} has no {TRACKER}: no checkpoint to load{hint}"]
+    return checkpoint_problems(known.load, save=known.save)
 
 
 def provide_model(*args, run, **kwargs):

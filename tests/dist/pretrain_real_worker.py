@@ -3,9 +3,10 @@
 example's ``main()``) for point-wise DPO, ULMA and SFT, from one initial checkpoint.
 
 Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
-most of a run's cost on CPU): between runs the process group, Megatron's parallel state
-and Megatron-LM's globals are torn down as a fresh process would have them. The last
-rank prints one ``RESULT {json}`` line per run: layout, loss, loop, loss value, grad norm.
+most of a run's cost on CPU), on one gloo process group: between runs Megatron's
+parallel state and Megatron-LM's globals are torn down as a fresh process has them. The last
+rank prints one ``RESULT {json}`` line per run: layout, loss, loop, loss value, grad norm;
+with ``--refusals``, rank 0 then prints what the example refuses (``REFUSED {json}``).
 """
 
 from __future__ import annotations
@@ -49,12 +50,11 @@ def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
         f"run_dir={run_dir}",
     ]
     config = load_config(yaml, overrides)
-    train(config)  # ends with the process group destroyed
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():  # rank 0 writes it
+    train(config)
+    if torch.distributed.get_rank() == 0:  # rank 0 writes metrics.jsonl
         step = next(
             m
-            for m in map(json.loads, metrics.read_text().splitlines())
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if m.get("split", "train") == "train" and m.get("step") == 1
         )
         _emit(layout=layout, loss=config.loss.name, loop="megatron-pwdpo train",
@@ -71,14 +71,22 @@ def _reset_megatron_lm() -> None:
     destroy_num_microbatches_calculator()
     destroy_rerun_state_machine()
     parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+
+
+def _keep_the_process_group() -> None:
+    """``megatron-pwdpo train`` ends by destroying the process group; here it only tears
+    down Megatron's groups, so that one gloo group serves every run (gloo cannot reliably
+    start a second default group on torchrun's store)."""
+    from megatron.core import parallel_state
+
+    from megatron_pwdpo import distributed
+
+    distributed.shutdown = parallel_state.destroy_model_parallel
 
 
 def run_pretrain(example, yaml: Path, layout: str, init: Path, loss: str) -> None:
     """The example under Megatron-LM's ``pretrain()`` for one iteration."""
     tp, pp = LAYOUTS[layout]
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
     argv = [
         "--pwdpo-config", str(yaml),
         "--tensor-model-parallel-size", str(tp),
@@ -100,12 +108,36 @@ def run_pretrain(example, yaml: Path, layout: str, init: Path, loss: str) -> Non
     _reset_megatron_lm()
 
 
+def refusals(example, work: Path) -> None:
+    """What the example refuses before training, as ``REFUSED {json}`` lines (rank 0)."""
+    pointwise = str(work / "pointwise_dpo.yaml")
+    cases = {
+        "flags": ["--pwdpo-config", pointwise, "--hidden-size", "256",
+                  "--context-parallel-size", "2", "--calculate-per-token-loss"],
+        "missing_checkpoint": ["--pwdpo-config", pointwise, "--load", str(work / "nothing")],
+        "kto": ["--pwdpo-config", str(work / "kto.yaml")],
+    }  # fmt: skip
+    for case, argv in cases.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                example.main(argv)
+                message = None
+            except SystemExit as stop:
+                message = str(stop.code)
+        if torch.distributed.get_rank() == 0:
+            print("REFUSED " + json.dumps({"case": case, "message": message}), flush=True)
+    _reset_megatron_lm()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True, help="the test's folder")
     parser.add_argument("--layouts", required=True, help="comma-separated, of LAYOUTS")
     parser.add_argument("--init", type=Path, required=True, help="the initial checkpoint")
+    parser.add_argument("--refusals", action="store_true", help="then the refusals")
     args = parser.parse_args()
+    torch.distributed.init_process_group("gloo")
+    _keep_the_process_group()
     spec = importlib.util.spec_from_file_location("pretrain_pwdpo", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -114,6 +146,8 @@ def main() -> None:
             yaml = args.work / f"{loss}.yaml"
             run_train(yaml, layout, args.work / f"train-{layout}-{loss}")
             run_pretrain(example, yaml, layout, args.init, loss)
+    if args.refusals:
+        refusals(example, args.work)
 
 
 if __name__ == "__main__":
