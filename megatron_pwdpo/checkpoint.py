@@ -179,7 +179,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return latest
     if (path / MEGATRON_LM_TRACKER).exists():
         text = (path / MEGATRON_LM_TRACKER).read_text().strip()
-        found = path / (text if text == "release" else iteration_name(int(text)))
+        found = path / (iteration_name(int(text)) if text.isdigit() else text)
         if not (found / "metadata.json").exists():
             raise FileNotFoundError(
                 f"{path}: {MEGATRON_LM_TRACKER} names {found.name}, not a torch_dist checkpoint"

@@ -89,6 +89,8 @@ def add_args(parser, *, run=None):
     config, stage = run
     ours = {dest: value for dest, value, _ in megatron_args(config, stage)}
     parser.set_defaults(**{k: v for k, v in ours.items() if parser.get_default(k) is not None})
+    # an item is one pre-tokenised row: no data-loader worker processes needed
+    parser.set_defaults(num_workers=0)
     parse = parser.parse_args
 
     def parse_and_check(*args, **kwargs):

@@ -205,12 +205,14 @@ def test_readme_command_saves_resumes_logs_every_metric_and_hands_over(work):
         assert again[3][key] == pytest.approx(logged[3][key], rel=1e-6), key
 
     # the iteration-3 checkpoint initialises megatron-pwdpo train (steps=0: it evaluates
-    # the held-out rows first), whose held-out loss is Megatron-LM's validation loss
+    # the held-out rows first), whose held-out loss is Megatron-LM's validation loss; the
+    # reference stays the initial weights (those of the cache)
     (validation,) = [float(v) for i, v in VALIDATION.findall(first) if i == "3"]
     run_dir = work / "runs" / "megatron-lm" / "from-pretrain"
     _run(
         f"megatron-pwdpo train --config examples/megatron_lm/tiny.yaml train.steps=0 "
-        f"train.init_checkpoint={ckpts} run_dir={run_dir}",
+        f"train.init_checkpoint={ckpts} reference.checkpoint=runs/megatron-lm/init/checkpoints "
+        f"run_dir={run_dir}",
         cwd=work,
     )
     (held_out,) = [m["loss"] for m in read_metrics(run_dir) if m.get("split") == "eval"]
