@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -136,6 +137,11 @@ def main() -> None:
     parser.add_argument("--init", type=Path, required=True, help="the initial checkpoint")
     parser.add_argument("--refusals", action="store_true", help="then the refusals")
     args = parser.parse_args()
+    if "RANK" not in os.environ:  # one process, started without torchrun
+        from megatron_pwdpo.distributed import _free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
     torch.distributed.init_process_group("gloo")
     _keep_the_process_group()
     spec = importlib.util.spec_from_file_location("pretrain_pwdpo", EXAMPLE)
