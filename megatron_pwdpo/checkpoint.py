@@ -6,6 +6,8 @@ Layout of ``<run_dir>/checkpoints``::
                     ``common`` the config, stage, step, LR schedule (Megatron-LM and
                     NeMo read this format)
     latest.txt      the iteration of the newest complete training checkpoint
+    latest_checkpointed_iteration.txt
+                    the same, under the name Megatron-LM's ``--load`` reads
     reference/      the frozen reference of the running preference stage (model only),
                     so that a resumed run compares against the same reference
 
@@ -37,6 +39,10 @@ from megatron_pwdpo import platform
 from megatron_pwdpo.resilience import usr1_kept_from_helpers
 
 log = logging.getLogger(__name__)
+
+
+# The tracker file of Megatron-LM's checkpoint folders (``pretrain()``'s --save / --load).
+MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def _chunk_key(index: int, num_chunks: int) -> str:
@@ -193,9 +199,10 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if iteration is not None:
-            marker = root / "latest.txt.tmp"
-            marker.write_text(f"{iteration}\n")
-            os.replace(marker, root / "latest.txt")
+            for tracker in ("latest.txt", MEGATRON_LM_TRACKER):
+                marker = root / f"{tracker}.tmp"
+                marker.write_text(f"{iteration}\n")
+                os.replace(marker, root / tracker)
             if keep is not None:
                 _rotate(root, keep)
     dist.barrier()
@@ -218,13 +225,22 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder: ``path`` itself (``iter_N``) or the latest one under it."""
+    """A checkpoint folder: ``path`` itself (``iter_N``) or the latest one under it
+    (``latest.txt``, else Megatron-LM's tracker: a ``pretrain()`` --save folder)."""
     path = Path(path)
     if (path / "latest.txt").exists():
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path}: latest.txt names a missing checkpoint")
         return latest
+    if (path / MEGATRON_LM_TRACKER).exists():
+        text = (path / MEGATRON_LM_TRACKER).read_text().strip()
+        found = path / (iteration_name(int(text)) if text.isdigit() else text)
+        if not (found / "metadata.json").exists():
+            raise FileNotFoundError(
+                f"{path}: {MEGATRON_LM_TRACKER} names {found.name}, not a torch_dist checkpoint"
+            )
+        return found
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"{path}: not a torch_dist checkpoint (no metadata.json)")
     return path
