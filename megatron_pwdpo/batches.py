@@ -17,6 +17,8 @@ the prompt of global example ``k`` with the response of example ``(k + 1) mod G`
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -81,13 +83,19 @@ def _rows_of(examples: list[Example]) -> list[TokenizedRow]:
     return list(examples)
 
 
-def packing_options(data) -> dict:
-    """``rank_micro_batches``' packing arguments from a ``DataConfig`` (``data.packing``)."""
+def packing_options(config) -> dict:
+    """``rank_micro_batches``' packing and width arguments from a ``RunConfig``
+    (``data.packing``; the token multiple of the parallel layout and precision)."""
+    from megatron_pwdpo.platform import config_token_multiple
+
+    multiple = config_token_multiple(config)
+    data = config.data
     if data.packing == "none":
-        return {"pack_length": None}
+        return {"pack_length": None, "token_multiple": multiple}
     return {
         "pack_length": data.seq_length,
         "packed_layout": "thd" if data.packing == "thd" else "mask",
+        "token_multiple": multiple,
     }
 
 
@@ -102,6 +110,7 @@ def rank_micro_batches(
     pack_length: int | None = None,
     packed_layout: PackedLayout = "mask",
     fixed_width: int | None = None,
+    token_multiple: int = 16,
 ) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of a global batch of examples.
 
@@ -118,6 +127,12 @@ def rank_micro_batches(
             (a multiple of `THD_TOKEN_MULTIPLE` positions).
         packed_layout: how packed rows are kept apart (``data.packing.pack_rows``):
             a block-diagonal ``mask`` (CPU) or ``thd`` boundaries (Transformer Engine).
+        token_multiple: unpacked micro-batches are padded to a multiple of this width,
+            ``thd`` sequences to a multiple of it and of `THD_TOKEN_MULTIPLE`
+            (:func:`megatron_pwdpo.platform.token_multiple`: the GEMMs' alignment,
+            sequence-parallel splits, FP8's tokens per rank); ``mask`` packing is for the
+            local layer spec, which has neither sequence parallelism nor FP8, so its
+            balanced widths are kept exact.
         fixed_width: pad every unpacked micro-batch to this width, and keep packed
             sequences ``pack_length`` wide, which must then equal it (the interleaved
             pipeline schedule exchanges activations of one fixed shape); None = each
@@ -147,7 +162,9 @@ def rank_micro_batches(
     for part in parts:
         rows = _rows_of([examples[i] for i in part])
         if pack_length is None:
-            batch = make_micro_batch(rows, pad_id=pad_id, width=fixed_width)
+            batch = make_micro_batch(
+                rows, pad_id=pad_id, width=fixed_width, pad_multiple=token_multiple
+            )
         else:
             batch = pack_rows(
                 rows,
@@ -155,7 +172,9 @@ def rank_micro_batches(
                 pad_id=pad_id,
                 layout=packed_layout,
                 shrink_width=fixed_width is None,
-                width_multiple=THD_TOKEN_MULTIPLE if packed_layout == "thd" else 1,
+                width_multiple=(
+                    math.lcm(THD_TOKEN_MULTIPLE, token_multiple) if packed_layout == "thd" else 1
+                ),
             )
             batch["num_tokens"] = torch.tensor(sum(r.input_ids.size - 1 for r in rows))
         batch["weight"] = torch.tensor(weights[part], dtype=torch.float32)

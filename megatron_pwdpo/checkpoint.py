@@ -6,6 +6,8 @@ Layout of ``<run_dir>/checkpoints``::
                     ``common`` the config, stage, step, LR schedule (Megatron-LM and
                     NeMo read this format)
     latest.txt      the iteration of the newest complete training checkpoint
+    latest_checkpointed_iteration.txt
+                    the same, under the name Megatron-LM's ``--load`` reads
     reference/      the frozen reference of the running preference stage (model only),
                     so that a resumed run compares against the same reference
 
@@ -33,9 +35,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_pwdpo import platform
 from megatron_pwdpo.resilience import usr1_kept_from_helpers
 
 log = logging.getLogger(__name__)
+
+
+# The tracker file of Megatron-LM's checkpoint folders (``pretrain()``'s --save / --load).
+MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def _chunk_key(index: int, num_chunks: int) -> str:
@@ -66,7 +73,7 @@ def _rng_sharded_object(*, is_loading: bool):
     if not is_loading:
         state = {
             "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if platform.detect().cuda else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
         }
     return ShardedObject(
@@ -78,11 +85,66 @@ def _rng_sharded_object(*, is_loading: bool):
     )
 
 
+# How the distributed optimizer lays out its state in a checkpoint (megatron-core's
+# ``DistributedOptimizer.sharded_state_dict(metadata=...)``; Megatron-LM passes the same
+# keys). ``fully_reshardable``: the state is gathered per parameter, in the model's own
+# shapes, so a checkpoint loads at any TP/PP/DP (and into the plain optimizer); the
+# gather goes over gloo to data-parallel rank 0 (host memory, ``mem_efficient``), not to
+# every GPU. Without the sharding type, megatron-core 0.16-0.19 fall back to the
+# deprecated ``fully_sharded_model_space``, whose flattened ranges torch_dist refuses.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+def _inner_optimizers(optimizer) -> list:
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [getattr(part, "optimizer", None) for part in parts]
+
+
+def materialise_adam_state(optimizer) -> int:
+    """Give torch's Adam/AdamW the state its first ``step()`` would create, where it has
+    none yet; returns how many parameters got one.
+
+    torch's Adam creates ``step`` (a 0-d fp32 0), ``exp_avg`` and ``exp_avg_sq`` (zeros)
+    lazily, at the first ``step()``, and only for a parameter whose state is empty, so the
+    update is unchanged by creating them earlier. Megatron's distributed optimizer reads
+    ``step`` from that state whenever it builds a state dict without Transformer Engine's
+    or apex's fused Adam (``distrib_optimizer.py``: ``assert len(steps) == 1``), so a save
+    or a resume before the first step (a checkpoint of the initial weights, a preemption
+    during the first step) failed. Fused Adams keep ``step`` in the param groups: left alone.
+    """
+    created = 0
+    for inner in _inner_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                continue  # their step lives on the device: let torch create it
+            for param in group["params"]:
+                state = inner.state[param]
+                if state:
+                    continue
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        param, memory_format=torch.preserve_format
+                    )
+                created += 1
+    return created
+
+
 def _state(chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sharded_state_dict(chunks), is_loading=is_loading
+            model_sharded_state_dict(chunks),
+            is_loading=is_loading,
+            metadata=dict(OPTIMIZER_METADATA),
         )
         state["rng_state"] = _rng_sharded_object(is_loading=is_loading)
     return state
@@ -137,9 +199,10 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if iteration is not None:
-            marker = root / "latest.txt.tmp"
-            marker.write_text(f"{iteration}\n")
-            os.replace(marker, root / "latest.txt")
+            for tracker in ("latest.txt", MEGATRON_LM_TRACKER):
+                marker = root / f"{tracker}.tmp"
+                marker.write_text(f"{iteration}\n")
+                os.replace(marker, root / tracker)
             if keep is not None:
                 _rotate(root, keep)
     dist.barrier()
@@ -162,13 +225,22 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder: ``path`` itself (``iter_N``) or the latest one under it."""
+    """A checkpoint folder: ``path`` itself (``iter_N``) or the latest one under it
+    (``latest.txt``, else Megatron-LM's tracker: a ``pretrain()`` --save folder)."""
     path = Path(path)
     if (path / "latest.txt").exists():
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path}: latest.txt names a missing checkpoint")
         return latest
+    if (path / MEGATRON_LM_TRACKER).exists():
+        text = (path / MEGATRON_LM_TRACKER).read_text().strip()
+        found = path / (iteration_name(int(text)) if text.isdigit() else text)
+        if not (found / "metadata.json").exists():
+            raise FileNotFoundError(
+                f"{path}: {MEGATRON_LM_TRACKER} names {found.name}, not a torch_dist checkpoint"
+            )
+        return found
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"{path}: not a torch_dist checkpoint (no metadata.json)")
     return path
@@ -210,7 +282,7 @@ def load_checkpoint(
         if same_layout:
             rng = loaded["rng_state"]
             torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
+            if rng["cuda"] is not None and platform.detect().cuda:
                 torch.cuda.set_rng_state(rng["cuda"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     return read_common(path)

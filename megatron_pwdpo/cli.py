@@ -43,10 +43,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "with a source checkout, not a wheel): pass --config FILE"
             )
         config_path = DEFAULT_CONFIG
+    if args.dry_run:
+        return _dry_run(config_path, args)
     config = load_config(config_path, args.overrides)
     from megatron_pwdpo.train import train
 
     train(config)
+    return 0
+
+
+def _dry_run(config_path: Path, args: argparse.Namespace) -> int:
+    """Validate for ``--world-size`` on this platform (or ``--platform``) and print the
+    plan and the memory estimate per GPU; start nothing."""
+    from megatron_pwdpo import platform
+    from megatron_pwdpo.distributed import world_from_env
+    from megatron_pwdpo.sizing import memory_table
+    from megatron_pwdpo.validation import validate
+
+    on = platform.PLATFORMS[args.platform] if args.platform else platform.detect()
+    config = load_config(config_path, args.overrides, on=on)
+    p = config.parallel
+    world = args.world_size or world_from_env().world_size
+    validate(config, world_size=world, on=on)
+    dp = world // (p.tensor_parallel * p.pipeline_parallel)
+    plan = platform.plan_build(config, on, data_parallel=dp)
+    print(f"{config_path}: valid for a world of {world} on {on.name}")
+    print(f"model: {plan.describe()}")
+    print(memory_table(config, world))
     return 0
 
 
@@ -71,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a policy (SFT, point-wise DPO, ...)")
     train.add_argument("--config", type=Path, default=None, help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the build plan and the memory estimate per GPU, and exit",
+    )
+    train.add_argument(
+        "--world-size", type=int, default=None, help="with --dry-run: the number of GPUs"
+    )
+    train.add_argument(
+        "--platform",
+        choices=["cpu", "gpu", "gpu-te"],
+        default=None,
+        help="with --dry-run: plan for this platform instead of this machine's (gpu: CUDA "
+        "without Transformer Engine; gpu-te: an H100 with TE and apex)",
+    )
     train.set_defaults(func=_cmd_train)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -1,25 +1,101 @@
-"""Where the megatron-core releases this project supports differ in an API it uses.
+"""Where the megatron-core releases this project supports differ, or need a fix, in one place.
 
 Supported and tested in CI (``.ci/run``): megatron-core **0.16.1** (the newest release for
 Python 3.11) and **0.19.2** (Python 3.12, the line clusters and NGC containers run), with
 Megatron-LM's ``megatron/training`` at ``core_v0.16.1`` and ``core_v0.19.0``. Releases
-between the two are declared (``pyproject.toml``) but not run here.
+between the two are declared (``pyproject.toml``) but not run here. Each entry names the
+releases it covers; no other module checks versions. These are not CUDA bridges (see
+:mod:`megatron_pwdpo.cpu_bridge` for those).
 
-Each shim chooses by the *feature* it needs (a parameter of a signature), not by a
-version number, and names the versions it was tested on. Everything else the project
-calls (``parallel_state``, the schedules, DDP, the optimizer, ``dist_checkpointing``,
-the layer specs, the TransformerConfig fields it sets) is the same in both releases;
-no other module checks versions.
+**Fixes** to megatron-core, applied once per process by :func:`install` (CPU and GPU):
+
+* ``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.1 - 0.19.2): loading
+  a ``fully_reshardable`` optimizer checkpoint with torch's Adam (the optimizer megatron
+  uses without Transformer Engine or apex) copies every key of a parameter's optimizer
+  state from the loaded tensors, ``step`` included, but the loader leaves ``step`` out of
+  those tensors (torch's ``step`` is restored from the param groups by
+  ``load_state_dict``): ``KeyError: 'step'``. The shim copies only the keys the loader
+  provides, which is what the fused Adams (whose state has no ``step``) get.
+* ``DistributedOptimizer.load_state_dict`` (0.16.1 - 0.19.2): with torch's Adam it gives
+  every parameter's state the *same* ``step`` tensor (``s["step"] = step`` in a loop), and
+  torch's foreach Adam then adds 1 to that one tensor once per parameter at each update:
+  after a resume the bias correction used a step count of (steps x parameters), a wrong
+  first update (found by ``tests/dist/test_distributed_optimizer.py``: a resumed run left
+  the uninterrupted curve from its first update on). The shim gives each parameter its own
+  copy, as torch's Adam creates them.
+
+**API differences** between the two tested releases, each chosen by the *feature* it
+needs (a parameter of a signature), not by a version number:
+
+* :func:`final_hidden_states`: GPTModel stopped before its output layer (0.19.2: the
+  ``output_processor`` hook; 0.16.1: ``post_process`` switched off for the call).
+* :func:`pretrain`: Megatron-LM's ``pretrain()`` called with a model provider
+  (core_v0.19.0: a ``PretrainConfigContainer`` from the parsed flags; core_v0.16.1: the
+  flags parsed by ``pretrain`` itself).
+
+Everything else the project calls (``parallel_state``, the schedules, DDP, the
+optimizer, ``dist_checkpointing``, the layer specs, the TransformerConfig fields it sets)
+is the same in both releases.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+_INSTALLED = False
+
+
+def _only_provided_keys(original):
+    def set_states(self, model_param, tensors):
+        if "step" in tensors:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if "step" not in state or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        step = state.pop("step")
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            state["step"] = step
+
+    return set_states
+
+
+def _unshared_steps(original):
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        seen: set[int] = set()
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(state["step"]))
+        return result
+
+    return load_state_dict
+
+
+def install() -> None:
+    """Apply the shims (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = distrib.DistributedOptimizer
+    cls._set_main_param_and_optimizer_states = _only_provided_keys(
+        cls._set_main_param_and_optimizer_states
+    )
+    cls.load_state_dict = _unshared_steps(cls.load_state_dict)
+    _INSTALLED = True
 
 
 @functools.cache

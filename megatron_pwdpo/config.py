@@ -373,8 +373,9 @@ def resolve_file_paths(tree: dict[str, Any], folder: Path) -> None:
             tree[section][key] = str((folder / value).resolve())
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML file (or the defaults), apply overrides, validate.
+def load_config(path: str | Path | None, overrides: list[str] = (), *, on=None) -> RunConfig:
+    """Load a YAML file (or the defaults), apply overrides, validate (for the platform
+    ``on``, a :class:`megatron_pwdpo.platform.Platform`; this machine's when None).
 
     Relative data paths in the file resolve against the file's folder; relative
     paths given as overrides resolve against the working directory.
@@ -397,7 +398,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     config = _build(RunConfig, tree, "")
     from megatron_pwdpo.validation import validate  # it imports this module's types
 
-    validate(config)
+    validate(config, on=on)
     return config
 
 

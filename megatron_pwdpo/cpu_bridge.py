@@ -11,7 +11,12 @@ Megatron-Core assumes CUDA in a handful of places that no config flag turns off:
 * the tensor-parallel RNG tracker, which forks the CUDA generator
   (``model_parallel_cuda_manual_seed`` fails without CUDA);
 * ``weight.data.cuda()`` on the last stage's copy of tied embeddings under pipeline
-  parallelism (``LanguageModule.setup_embeddings_and_output_layer``).
+  parallelism (``LanguageModule.setup_embeddings_and_output_layer``);
+* the mixed-precision (bf16) and distributed optimizers sort parameters by
+  ``param.type()`` against CUDA type names (``'torch.cuda.BFloat16Tensor'``...) while
+  they build their fp32 main parameters, and refuse any other name
+  (``Float16OptimizerWithFloat16Params.__init__``,
+  ``DistributedOptimizer._build_model_and_main_param_groups`` and ``__init__``).
 
 The bridge is deliberately narrow. It never patches ``torch`` itself (so a stray
 ``.cuda()`` in *this* project still fails loudly); instead it rebinds the name
@@ -48,6 +53,7 @@ _PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
@@ -191,6 +197,55 @@ def _cpu_setup_embeddings(original):
     return setup
 
 
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    """Within the block, ``Tensor.type()`` (no argument: the type's name) gives a CPU
+    float tensor's CUDA name; ``Tensor.type(dtype)`` (a conversion) is unchanged."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(original):
+    """Wrap an optimizer-building method so that its ``param.type()`` checks see CUDA
+    names (only while it runs); works for plain functions and the underlying function of
+    a classmethod alike."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _tensor_type_names_cuda():
+            return original(*args, **kwargs)
+
+    return wrapped
+
+
+def _patch_optimizer_type_checks() -> None:
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    f16 = optimizer.Float16OptimizerWithFloat16Params
+    f16.__init__ = _with_cuda_type_names(f16.__init__)
+    dist_opt = distrib.DistributedOptimizer
+    dist_opt.__init__ = _with_cuda_type_names(dist_opt.__init__)
+    build = dist_opt.__dict__["_build_model_and_main_param_groups"].__func__
+    dist_opt._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build))
+
+
 _INSTALLED = False
 
 
@@ -220,6 +275,7 @@ def install() -> bool:
     cls.setup_embeddings_and_output_layer = _cpu_setup_embeddings(
         cls.setup_embeddings_and_output_layer
     )
+    _patch_optimizer_type_checks()
     _INSTALLED = True
     return True
 

@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_pwdpo import platform
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -52,20 +54,20 @@ def init_distributed(
     """
     from megatron.core import parallel_state
 
-    from megatron_pwdpo import cpu_bridge
+    from megatron_pwdpo import compat, cpu_bridge
 
+    compat.install()
     world = world_from_env()
     if world.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(world.rank), str(world.world_size)
     os.environ["LOCAL_RANK"] = str(world.local_rank)
-    if torch.cuda.is_available():
+    backend = platform.plan_backend(platform.detect())
+    if backend == "nccl":
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-        backend = "nccl"
     else:
         cpu_bridge.install()
-        backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -92,6 +94,6 @@ def shutdown() -> None:
 
 def device() -> torch.device:
     """The device this rank computes on."""
-    if torch.cuda.is_available():
+    if platform.detect().cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -128,6 +128,7 @@ def evaluate(
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
+    from megatron_pwdpo.platform import config_token_multiple
     from megatron_pwdpo.row_logps import rows_logps
     from megatron_pwdpo.training_setup import Layout, build_chunks
     from megatron_pwdpo.validation import validate
@@ -164,6 +165,7 @@ def evaluate(
                 micro_batch_size=config.train.micro_batch_size,
                 reduction="sum",
                 seq_length=config.data.seq_length,
+                token_multiple=config_token_multiple(config),
             )
             return None if out is None else out.double().cpu().numpy()
 

@@ -3,8 +3,9 @@
 Megatron-LM's loop (``megatron.training.pretrain``) builds the model, the optimizer,
 the data loaders and the schedule itself; it needs three callables from the user:
 
-* ``model_provider(pre_process, post_process, vp_stage=None)`` -> our Llama-style
-  GPTModel (:func:`model_provider`);
+* ``model_provider(pre_process, post_process, vp_stage=None, config=None,
+  pg_collection=None)`` -> our Llama-style GPTModel (:func:`model_provider`; Megatron-LM
+  0.16 passes its own ``TransformerConfig`` and process groups, older releases neither);
 * ``forward_step(data_iterator, model)`` -> ``(output, loss_func)``: exactly
   :func:`megatron_pwdpo.step.forward_step`, bound to a loss (:func:`make_forward_step`);
 * ``train_valid_test_datasets_provider(num_samples)`` -> map-style datasets whose items
@@ -25,15 +26,23 @@ weighs ``1 / global_batch_size`` (the plain global mean); the reports are
 ``(sum, count)`` pairs, which Megatron-LM's loop already sums over micro-batches and
 data-parallel ranks before dividing.
 
+A run trains one stage of ``megatron-pwdpo train``'s plan (:func:`select_stage`, from
+``run_plan.plan_stages``): the main stage, or with ``stage="sft"`` the SFT stage of a
+preference YAML (``train.sft_steps > 0``); a stage has the same rows and the same loss
+(SFT: demonstrations, token-mean log-probs) as there. The YAML is the single source of
+truth: :func:`megatron_args` are the Megatron-LM arguments it implies (the example's
+``args_defaults``), and :func:`contradictions` names every Megatron-LM flag that differs.
+
 Supported: ``sft``, ``pointwise_dpo`` and ``ulma`` (whose demonstrations need no
 reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), with
-``loss.normalization=global_mean``, no packing and no SFT stage.
-:func:`unsupported` names everything else, one line each, before any work is done.
-See ``examples/megatron_lm/``.
+``loss.normalization=global_mean`` and no packing; the main stage of a preference loss
+needs ``train.sft_steps=0``. :func:`unsupported` names everything else, one line each,
+before any work is done. See ``examples/megatron_lm/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -43,7 +52,10 @@ import torch
 from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.data.tokenize import TokenizedRow, collate
+from megatron_pwdpo.run_plan import Stage, plan_stages
 from megatron_pwdpo.step import forward_step, make_objective, megatron_grad_scale
+
+STAGES = ("main", "sft")
 
 SUPPORTED_LOSSES = ("sft", "pointwise_dpo", "ulma")
 
@@ -57,7 +69,9 @@ _WHY_NOT = {
 }
 
 
-def unsupported(config: RunConfig, *, ref_cache: str | Path | None = None) -> list[str]:
+def unsupported(
+    config: RunConfig, *, ref_cache: str | Path | None = None, stage: str = "main"
+) -> list[str]:
     """What a run through Megatron-LM's ``pretrain()`` cannot do: one line each (empty
     when it can). Reads only the config, so it runs before any data or model work.
 
@@ -65,26 +79,37 @@ def unsupported(config: RunConfig, *, ref_cache: str | Path | None = None) -> li
         config: the megatron-pwdpo run config.
         ref_cache: the reference cache the run will read (``--pwdpo-ref-cache``), else
             ``reference.cache_path``.
+        stage: ``main`` (``loss.name``) or ``sft`` (the SFT stage of a preference YAML).
     """
     loss, data = config.loss, config.data
     out = []
-    if loss.name not in SUPPORTED_LOSSES:
+    if stage not in STAGES:
+        return [f"stage {stage!r} is not one of {', '.join(STAGES)}"]
+    has_sft_stage = loss.name != "sft" and config.train.sft_steps > 0
+    if stage == "sft" and not has_sft_stage:
+        out.append(
+            f"--pwdpo-stage sft needs an SFT stage in the YAML (a preference loss with "
+            f"train.sft_steps > 0), not loss.name={loss.name} with "
+            f"train.sft_steps={config.train.sft_steps}"
+        )
+    if stage == "main" and loss.name not in SUPPORTED_LOSSES:
         out.append(
             f"loss.name={loss.name} is not supported in Megatron-LM's pretrain(): "
             f"{_WHY_NOT.get(loss.name, 'unknown loss')}; train it with megatron-pwdpo train "
             f"(supported here: {', '.join(SUPPORTED_LOSSES)})"
         )
-    if loss.normalization != "global_mean":
+    if stage == "main" and loss.normalization != "global_mean":
         out.append(
             f"loss.normalization={loss.normalization} is not supported in Megatron-LM's "
             "pretrain(): a row's weight there is 1 / global batch size, it cannot depend on "
             "the batch's class counts; set loss.normalization=global_mean"
         )
-    if loss.name != "sft" and config.train.sft_steps > 0:
+    if stage == "main" and has_sft_stage:
         out.append(
-            f"train.sft_steps={config.train.sft_steps} is not supported in Megatron-LM's "
-            "pretrain(), which runs one loss: run the SFT stage first (loss.name=sft), "
-            "precompute the reference from its checkpoint, then set train.sft_steps=0"
+            f"train.sft_steps={config.train.sft_steps} is not supported in the main stage of "
+            "Megatron-LM's pretrain(), which runs one stage: run the SFT stage first "
+            "(--pwdpo-stage sft), precompute the reference from its checkpoint, then set "
+            "train.sft_steps=0"
         )
     if data.packing != "none":
         out.append(
@@ -92,7 +117,8 @@ def unsupported(config: RunConfig, *, ref_cache: str | Path | None = None) -> li
             "its items are one row each, padded to data.seq_length; set data.packing=none"
         )
     if (
-        loss.name in ("pointwise_dpo", "ulma")
+        stage == "main"
+        and loss.name in ("pointwise_dpo", "ulma")
         and (ref_cache or config.reference.cache_path) is None
     ):
         out.append(
@@ -102,9 +128,11 @@ def unsupported(config: RunConfig, *, ref_cache: str | Path | None = None) -> li
     return out
 
 
-def check_supported(config: RunConfig, *, ref_cache: str | Path | None = None) -> None:
+def check_supported(
+    config: RunConfig, *, ref_cache: str | Path | None = None, stage: str = "main"
+) -> None:
     """Raise a ``ConfigError`` listing :func:`unsupported`'s lines, if any."""
-    problems = unsupported(config, ref_cache=ref_cache)
+    problems = unsupported(config, ref_cache=ref_cache, stage=stage)
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -220,12 +248,24 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         return item
 
 
-def prepare(config: RunConfig, *, ref_cache: str | Path | None = None):
+def select_stage(config: RunConfig, data, stage: str = "main") -> Stage:
+    """The stage of ``megatron-pwdpo train``'s plan a ``pretrain()`` run trains: its
+    rows, held-out rows, loss (SFT: token-mean log-probs), steps and learning rate.
+
+    Args:
+        stage: ``main`` (the last stage of the plan) or ``sft`` (the first).
+    """
+    stages = plan_stages(config, data)
+    return stages[0] if stage == "sft" else stages[-1]
+
+
+def prepare(config: RunConfig, *, ref_cache: str | Path | None = None, stage: str = "main"):
     """Everything a run checks before Megatron-LM builds a model: :func:`unsupported`,
-    the data (``prepare_data``) and the reference cache (:func:`reference_logps`).
+    the data (``prepare_data``), the stage (:func:`select_stage`) and the reference
+    cache (:func:`reference_logps`).
 
     Returns:
-        ``(data, ref_logps)`` for :func:`build_datasets`.
+        ``(data, ref_logps, stage)`` for :func:`build_datasets`.
 
     Raises:
         ConfigError: what :func:`unsupported` names, or a bad cache.
@@ -233,10 +273,14 @@ def prepare(config: RunConfig, *, ref_cache: str | Path | None = None):
     """
     from megatron_pwdpo.data.prepare import prepare_data
 
-    check_supported(config, ref_cache=ref_cache)
+    check_supported(config, ref_cache=ref_cache, stage=stage)
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)
-    ref = reference_logps(config, data.train + data.eval, data.tokenizer, ref_cache=ref_cache)
-    return data, ref
+    chosen = select_stage(config, data, stage)
+    ref = None
+    if chosen.loss.name != "sft":
+        rows = data.train + data.eval
+        ref = reference_logps(config, rows, data.tokenizer, ref_cache=ref_cache)
+    return data, ref, chosen
 
 
 def build_datasets(
@@ -246,15 +290,22 @@ def build_datasets(
     *,
     global_batch_size: int,
     num_samples: Sequence[int] | None = None,
+    stage: Stage | None = None,
 ) -> tuple[PointwiseRowDataset, PointwiseRowDataset]:
-    """The train and validation datasets of :func:`prepare`'s ``(data, ref_logps)``.
+    """The train and validation datasets of :func:`prepare`'s ``(data, ref_logps, stage)``.
 
     Args:
         num_samples: Megatron-LM's ``train_val_test_num_samples`` (``[train, valid,
             ...]``); the training set then holds that many items of ``megatron-pwdpo
-            train``'s sample stream (``train.seed``; ``data.balance_classes``), the
-            validation set cycles through the held-out rows in order. None: one epoch each.
+            train``'s sample stream of the stage (``train.seed``; ``data.balance_classes``),
+            the validation set cycles through the held-out rows in order. None: one
+            epoch each.
+        stage: the stage (:func:`select_stage`); None = the main stage's rows
+            (``data.train``, ``data.eval``) and ``loss.name``.
     """
+    train_rows = data.train if stage is None else stage.examples
+    eval_rows = data.eval if stage is None else stage.eval_examples
+    loss_name = config.loss.name if stage is None else stage.loss.name
 
     def dataset(rows, order, length) -> PointwiseRowDataset:
         return PointwiseRowDataset(
@@ -263,23 +314,23 @@ def build_datasets(
             pad_id=data.tokenizer.pad_id,
             global_batch_size=global_batch_size,
             ref_logps=ref_logps,
-            loss_name=config.loss.name,
+            loss_name=loss_name,
             order=order,
             num_samples=length,
         )
 
     train_samples, valid_samples = (None, None) if num_samples is None else num_samples[:2]
     stream = GlobalBatchSampler(
-        len(data.train),
+        len(train_rows),
         global_batch_size=global_batch_size,
         seed=config.train.seed,
-        labels=[r.label for r in data.train],
-        balance=config.data.balance_classes and config.loss.name != "sft",  # as run_stage
+        labels=[r.label for r in train_rows],
+        balance=config.data.balance_classes and loss_name != "sft",  # as run_stage
     )
-    cycle = GlobalBatchSampler(len(data.eval), global_batch_size=1, seed=0, shuffle=False)
+    cycle = GlobalBatchSampler(len(eval_rows), global_batch_size=1, seed=0, shuffle=False)
     return (
-        dataset(data.train, stream, train_samples),
-        dataset(data.eval, cycle, max(valid_samples or 0, len(data.eval))),
+        dataset(train_rows, stream, train_samples),
+        dataset(eval_rows, cycle, max(valid_samples or 0, len(eval_rows))),
     )
 
 
@@ -306,17 +357,199 @@ def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_
 
 
 def model_provider(config: RunConfig):
-    """``model_provider(pre_process, post_process, vp_stage=None)`` for ``pretrain()``."""
+    """``model_provider(pre_process, post_process, vp_stage=None, config=None,
+    pg_collection=None)`` for ``pretrain()``.
+
+    Megatron-LM 0.16 passes its ``TransformerConfig`` (built from its flags) as
+    ``config`` and its process groups as ``pg_collection``; the model is built from the
+    YAML instead (:func:`contradictions` has refused flags that differ from it) on the
+    default groups of ``parallel_state``, which Megatron-LM initialised and which are the
+    groups of its default ``pg_collection``. Older releases pass neither.
+    """
     from megatron_pwdpo.model import build_model
 
-    def provide(pre_process: bool = True, post_process: bool = True, vp_stage=None):
+    run = config
+
+    def provide(
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage=None,
+        config=None,
+        pg_collection=None,
+    ):
+        del config, pg_collection  # see above
         return build_model(
-            config.model,
-            config.parallel,
+            run.model,
+            run.parallel,
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
-            precision=config.precision,
+            precision=run.precision,
         )
 
     return provide
+
+
+def _tokenizer_type(config: RunConfig) -> str:
+    return {"sentencepiece": "SentencePieceTokenizer", "hf": "HuggingFaceTokenizer"}[
+        config.data.tokenizer_type
+    ]
+
+
+# Defaults only, never contradictions: how often to log, evaluate and save, how many
+# held-out batches to evaluate, and the parallel layout (a launch choice: the model is
+# built for the flags' layout, :func:`with_layout`).
+FREE = "(a default only)"
+
+
+def _layout_args(p) -> list[tuple[str, object]]:
+    return [
+        ("tensor_model_parallel_size", p.tensor_parallel),
+        ("pipeline_model_parallel_size", p.pipeline_parallel),
+        ("sequence_parallel", p.sequence_parallel),
+    ]
+
+
+def with_layout(config: RunConfig, args) -> RunConfig:
+    """``config`` with the parallel layout of Megatron-LM's parsed flags (tensor, pipeline,
+    virtual pipeline, sequence parallel): the layout the model is built for."""
+    layout = dataclasses.replace(
+        config.parallel,
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        virtual_pipeline=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        sequence_parallel=bool(args.sequence_parallel),
+    )
+    return dataclasses.replace(config, parallel=layout)
+
+
+def megatron_args(config: RunConfig, stage: Stage) -> list[tuple[str, object, str]]:
+    """The Megatron-LM arguments the YAML implies, as ``(dest, value, YAML key)``: the
+    model shape, sequence length, tokenizer, batch sizes, the stage's steps and
+    learning-rate schedule, optimizer, seed, intervals, the held-out rows (as
+    ``eval_iters`` whole global batches) and the parallel layout.
+
+    ``dict((d, v) for d, v, _ in ...)`` is the example's ``args_defaults``.
+    """
+    m, p, t, d = config.model, config.parallel, config.train, config.data
+    groups = m.num_query_groups or m.num_attention_heads
+    sft = stage.loss.name == "sft" and config.loss.name != "sft"
+    out = [
+        ("num_layers", m.num_layers, "model.num_layers"),
+        ("hidden_size", m.hidden_size, "model.hidden_size"),
+        ("ffn_hidden_size", m.ffn_hidden_size, "model.ffn_hidden_size"),
+        ("num_attention_heads", m.num_attention_heads, "model.num_attention_heads"),
+        ("group_query_attention", groups != m.num_attention_heads, "model.num_query_groups"),
+        ("num_query_groups", groups, "model.num_query_groups"),
+        ("max_position_embeddings", m.max_seq_length, "model.max_seq_length"),
+        ("position_embedding_type", "rope", "model (RoPE)"),
+        ("rotary_base", m.rotary_base, "model.rotary_base"),
+        ("normalization", "RMSNorm", "model (RMSNorm)"),
+        ("swiglu", True, "model (SwiGLU)"),
+        ("add_bias_linear", False, "model (no linear biases)"),
+        ("add_qkv_bias", m.qkv_bias, "model.qkv_bias"),
+        ("untie_embeddings_and_output_weights", m.untie_embeddings, "model.untie_embeddings"),
+        ("init_method_std", m.init_method_std, "model.init_method_std"),
+        ("seq_length", d.seq_length, "data.seq_length"),
+        ("tokenizer_type", _tokenizer_type(config), "data.tokenizer_type"),
+        ("tokenizer_model", str(d.tokenizer), "data.tokenizer"),
+        ("micro_batch_size", t.micro_batch_size, "train.micro_batch_size"),
+        ("global_batch_size", t.global_batch_size, "train.global_batch_size"),
+        ("train_iters", stage.steps, "train.sft_steps" if sft else "train.steps"),
+        ("lr", stage.lr, "train.sft_lr" if sft else "train.lr"),
+        ("min_lr", t.min_lr, "train.min_lr"),
+        ("lr_warmup_iters", min(t.warmup_steps, stage.steps), "train.warmup_steps"),
+        ("lr_decay_style", "cosine", "train (cosine decay)"),
+        ("weight_decay", t.weight_decay, "train.weight_decay"),
+        ("adam_beta1", t.adam_beta1, "train.adam_beta1"),
+        ("adam_beta2", t.adam_beta2, "train.adam_beta2"),
+        ("clip_grad", t.clip_grad, "train.clip_grad"),
+        ("seed", t.seed, "train.seed"),
+        ("log_interval", t.log_interval, FREE),
+        ("eval_interval", t.eval_interval, FREE),
+        # the held-out rows, in whole global batches
+        ("eval_iters", len(stage.eval_examples) // t.global_batch_size, FREE),
+        *[(dest, value, FREE) for dest, value in _layout_args(p)],
+        ("bf16", config.precision.dtype == "bf16", "precision.dtype (bf16)"),
+    ]
+    if m.kv_channels is not None:
+        out.append(("kv_channels", m.kv_channels, "model.kv_channels"))
+    if t.save_interval > 0:
+        out.append(("save_interval", t.save_interval, FREE))
+    return out
+
+
+def contradictions(args, config: RunConfig, stage: Stage) -> list[str]:
+    """Megatron-LM's parsed flags (``args``) that differ from the YAML, and settings this
+    path refuses; one line each, e.g. ``--hidden-size 256 differs from the YAML's
+    model.hidden_size=128``. An argument left unset (None) is not a contradiction: the
+    YAML's value fills it (``args_defaults``). Intervals, ``--eval-iters`` and the
+    parallel layout are defaults only (``FREE``): the flags choose them."""
+    out = []
+    for dest, ours, key in megatron_args(config, stage):
+        theirs = getattr(args, dest, None)
+        if key != FREE and theirs is not None and theirs != ours:
+            out.append(f"--{dest.replace('_', '-')} {theirs} differs from the YAML's {key}={ours}")
+    prec = config.precision
+    fp8 = prec.fp8 is not None
+    checks = [
+        ("--fp16", "fp16", False, "precision.dtype (fp16 is not offered)"),
+        ("--fp8-format", "fp8", prec.fp8_format if fp8 else None,
+         "precision.fp8_format (with precision.fp8)"),
+        ("--fp8-recipe", "fp8_recipe", prec.fp8, "precision.fp8"),
+    ]  # fmt: skip
+    for flag, dest, ours, key in checks:
+        theirs = getattr(args, dest, None)
+        if dest == "fp8_recipe" and not fp8:
+            theirs = None  # Megatron-LM's recipe default means nothing without --fp8-format
+        if dest == "fp16":
+            theirs = bool(theirs)
+        if theirs != ours:
+            out.append(f"{flag} {theirs} differs from the YAML's {key}={ours}")
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    if cp > 1:
+        out.append(
+            f"--context-parallel-size {cp} is not supported: Megatron-LM's schedule "
+            "multiplies each micro-batch's loss by the CP size, and the plugin's sequence "
+            "log-probs are not summed across CP ranks; use tensor/pipeline/data parallelism"
+        )
+    if getattr(args, "calculate_per_token_loss", False):
+        out.append(
+            "--calculate-per-token-loss is not supported: the plugin's loss is a mean over "
+            "rows (each weighs 1 / global batch size), and Megatron-LM would divide it by "
+            "the number of tokens instead; drop the flag"
+        )
+    return out
+
+
+def checkpoint_problems(load: str | Path | None, *, save: str | Path | None = None) -> list[str]:
+    """Why ``--load`` would start from random weights, one line each (empty: it loads).
+
+    Megatron-LM only warns when the folder has no ``latest_checkpointed_iteration.txt``
+    (with ``--exit-on-missing-checkpoint`` it exits with status 0) and trains from random
+    weights; this refuses that, except for ``--load`` equal to ``--save`` (a first run
+    that a later one resumes). A ``megatron-pwdpo train`` checkpoints folder carries the
+    tracker (:data:`megatron_pwdpo.checkpoint.MEGATRON_LM_TRACKER`).
+    """
+    from megatron_pwdpo.checkpoint import MEGATRON_LM_TRACKER, iteration_name
+
+    if load is None:
+        return []
+    load = Path(load)
+    tracker = load / MEGATRON_LM_TRACKER
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        if text == "release" or (text.isdigit() and (load / iteration_name(int(text))).is_dir()):
+            return []
+        return [f"--load {load}: {MEGATRON_LM_TRACKER} names iteration {text!r}, not there"]
+    if save is not None and Path(save).resolve() == load.resolve():
+        return []
+    if (load / "metadata.json").exists() and (load.parent / MEGATRON_LM_TRACKER).exists():
+        return [f"--load {load} is one checkpoint: pass its folder, --load {load.parent}"]
+    hint = ""
+    if (load / "latest.txt").exists():
+        hint = (
+            " (a megatron-pwdpo train checkpoints folder from before the tracker: write "
+            f"the iteration of its latest.txt into {tracker})"
+        )
+    return [f"--load {load} has no {MEGATRON_LM_TRACKER}: no checkpoint to load{hint}"]

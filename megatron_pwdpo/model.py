@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from megatron_pwdpo import platform
+from megatron_pwdpo.platform import BuildPlan
 from megatron_pwdpo.precision import PrecisionConfig, transformer_config_kwargs
 
 
@@ -84,6 +86,10 @@ class ParallelConfig:
             cross-entropy over chunks of this many sequence positions, each recomputed
             in the backward pass, so that the ``[s, b, V / tp]`` logits of only one
             chunk exist at a time (0 = the whole sequence at once).
+        distributed_optimizer: shard the fp32 master weights and Adam's moments over the
+            data-parallel ranks (Megatron's distributed optimizer): ``auto`` (on wherever
+            data parallel > 1, as in the cluster examples), ``true`` or ``false``. Its
+            checkpoints reshard to any layout (``fully_reshardable``).
     """
 
     tensor_parallel: int = 1
@@ -91,6 +97,7 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
     logprob_chunk_size: int = 0
+    distributed_optimizer: Literal["auto", True, False] = "auto"
 
 
 def padded_vocab_size(vocab_size: int, *, multiple: int, tensor_parallel: int) -> int:
@@ -111,17 +118,21 @@ def transformer_config(
     parallel: ParallelConfig,
     *,
     params_dtype: torch.dtype = torch.float32,
-    use_cuda: bool | None = None,
     precision: PrecisionConfig | None = None,
+    plan: BuildPlan | None = None,
 ):
     """Return the ``megatron.core`` TransformerConfig for a Llama-style model.
 
     ``precision`` (when given) sets the dtype and the FP8 fields and overrides
-    ``params_dtype`` (see :mod:`megatron_pwdpo.precision`).
+    ``params_dtype`` (see :mod:`megatron_pwdpo.precision`); ``plan`` sets the
+    platform-dependent fields (fusions, initialisation, dispatcher, p2p batching: see
+    :mod:`megatron_pwdpo.platform`), this machine's when None. Builds on any machine:
+    a CPU test builds the config a GPU run builds by passing that platform's plan.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if plan is None:
+        plan = platform.plan_build(_Sections(model, parallel, precision), platform.detect())
     kwargs = {
         "params_dtype": params_dtype,
         "pipeline_dtype": params_dtype,
@@ -129,26 +140,7 @@ def transformer_config(
     }
     if precision is not None:
         kwargs.update(transformer_config_kwargs(precision))
-    if not use_cuda:
-        # Fused kernels need apex or Transformer Engine; weights built on the CPU from
-        # the CPU RNG so that TP=1 and TP=2 start from the same master weights.
-        kwargs.update(
-            use_cpu_initialization=True,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            apply_rope_fusion=False,
-            masked_softmax_fusion=False,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            # Needed for variable sequence lengths under PP even for dense models (0.16.1
-            # to 0.19.2: TransformerConfig refuses the default "allgather" dispatcher with them).
-            moe_token_dispatcher_type="alltoall",
-            # gloo pairs a batch of sends and receives to the same peer in posting order,
-            # so with PP=2 under interleaving a forward activation and a backward gradient
-            # exchanged with the one neighbour can swap (same shape: silently). Unbatched
-            # p2p posts them in Megatron's even/odd order, which pairs them correctly.
-            batch_p2p_comm=False,
-        )
+    kwargs.update(plan.transformer_config)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -174,6 +166,22 @@ def transformer_config(
     )
 
 
+@dataclass(frozen=True)
+class _Sections:
+    """The three config sections :func:`platform.plan_build` reads, without a RunConfig."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig | None
+
+
+def resolve_attention(requested: str, *, use_te: bool) -> str:
+    """The core attention a run uses: ``te`` with Transformer Engine's layers, else
+    megatron-core's local ``DotProductAttention`` (``local``)."""
+    del requested
+    return "te" if use_te else "local"
+
+
 def layer_spec(*, use_te: bool):
     """The transformer layer spec: Transformer Engine (GPU, FP8-capable) or local."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -192,11 +200,13 @@ def build_model(
     vp_stage: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     precision: PrecisionConfig | None = None,
+    plan: BuildPlan | None = None,
 ):
     """Build this rank's stage of the model (parallel state must be initialised).
 
-    ``precision`` (bf16, FP8) overrides ``params_dtype``; FP8 needs the Transformer
-    Engine layer spec (CUDA).
+    ``precision`` (bf16, FP8) overrides ``params_dtype``; ``plan`` is this machine's
+    (:func:`megatron_pwdpo.platform.plan_build`) when None. The parameters are created
+    on the CPU (``use_cpu_initialization``) and moved to this rank's GPU, if any.
 
     Returns:
         a ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
@@ -207,17 +217,18 @@ def build_model(
     """
     from megatron_pwdpo.logprob_model import LogprobGPTModel
 
-    use_cuda = torch.cuda.is_available()
+    if plan is None:
+        plan = platform.plan_build(_Sections(model, parallel, precision), platform.detect())
     config = transformer_config(
-        model, parallel, params_dtype=params_dtype, use_cuda=use_cuda, precision=precision
+        model, parallel, params_dtype=params_dtype, precision=precision, plan=plan
     )
-    if config.fp8 and not (use_cuda and _have_te()):
+    if config.fp8 and plan.layer_spec != "te":
         raise RuntimeError("precision.fp8 needs CUDA and Transformer Engine (the TE layer spec)")
     gpt = LogprobGPTModel(
         real_vocab_size=model.vocab_size,
         logprob_chunk_size=parallel.logprob_chunk_size,
         config=config,
-        transformer_layer_spec=layer_spec(use_te=use_cuda and _have_te()),
+        transformer_layer_spec=layer_spec(use_te=plan.layer_spec == "te"),
         vocab_size=padded_vocab_size(
             model.vocab_size,
             multiple=model.vocab_pad_multiple,
@@ -237,14 +248,6 @@ def build_model(
         ),
         vp_stage=vp_stage,
     )
-    if use_cuda:
+    if plan.backend == "nccl":
         gpt.cuda(torch.cuda.current_device())
     return gpt
-
-
-def _have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except (ImportError, RuntimeError):
-        return False
-    return True

@@ -22,14 +22,22 @@ gradients, the usual choice; ``e4m3`` uses E4M3 both ways.
 Megatron-Core enters the autocast itself (``TransformerBlock`` asks
 ``megatron.core.fp8_utils.get_fp8_context(config)``), so a model built from a
 :class:`~megatron.core.transformer.TransformerConfig` with ``fp8`` and ``fp8_recipe``
-set needs nothing more; :func:`transformer_config_kwargs` is the mapping. The policy's
-reference forward may run in bf16 (``fp8_reference=False``, the default: the reference
-log-probs enter every reward, and a forward-only pass gains less from FP8) or in FP8
-(:func:`reference_precision` switches the chunks' ``config.fp8`` off around it).
+set needs nothing more; :func:`transformer_config_kwargs` is the mapping. The reference
+forward runs in the policy's precision by default (``fp8_reference=auto`` with the
+current-scaling recipes), so that the implicit reward ``beta (log pi - log pi_ref)`` is
+exactly 0 at step 0 and carries no quantisation bias; with ``delayed`` scaling it runs in
+bf16 (:func:`reference_runs_fp8`; :func:`reference_precision` switches the chunks'
+``config.fp8`` off around it). ``delayed`` with packed rows reduces the amax over the
+tensor-parallel group only (``tp_only_amax_red``, set by
+:func:`megatron_pwdpo.platform.plan_build`): packed data-parallel ranks run different
+numbers of micro-batches, and an amax all-reduce over data parallel would then wait for
+ranks that never join it.
 
-Transformer Engine is imported lazily and only on CUDA machines; on CPU, configs with
-``precision.fp8`` or ``precision.dtype=bf16`` are refused at validation (see
-:func:`check_supported`).
+Transformer Engine is imported lazily and only on CUDA machines; configs with
+``precision.fp8`` are refused at validation where it is missing
+(:func:`megatron_pwdpo.platform.refusal`). bf16 runs everywhere: on CPU Megatron-Core's
+mixed-precision optimizer and ``Float16Module`` run through the CPU bridge
+(:mod:`megatron_pwdpo.cpu_bridge`), the same code as on GPU.
 """
 
 from __future__ import annotations
@@ -49,23 +57,31 @@ class PrecisionConfig:
     """Numeric precision of the run.
 
     Attributes:
-        dtype: parameter and activation dtype: ``fp32`` (the default; the only one on
-            CPU) or ``bf16`` (fp32 master weights and gradient reduction in Megatron's
-            optimizer; needs CUDA).
+        dtype: parameter and activation dtype: ``fp32`` (the default) or ``bf16`` (the
+            model in bf16 in Megatron's ``Float16Module``; fp32 master weights in
+            Megatron's mixed-precision optimizer and fp32 gradient reduction; log-probs and
+            losses in fp32). Both run on CPU and GPU.
         fp8: run the transformer layers' GEMMs in FP8 with this Transformer Engine
             recipe (``delayed``, ``tensorwise`` = current scaling, ``mxfp8`` =
             Blackwell block scaling); ``None`` = no FP8. Needs ``dtype: bf16``, CUDA and
             Transformer Engine.
         fp8_format: ``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3``.
         fp8_amax_history_len: steps of amax history of the ``delayed`` recipe.
-        fp8_reference: run the reference model's forward in FP8 too (default: bf16).
+        fp8_reference: run the reference model's forward in FP8 too: ``auto`` (the
+            default) does for the current-scaling recipes (``tensorwise``, ``mxfp8``),
+            whose scales come from the tensor being cast, so that at step 0 the policy
+            and the reference compute the same numbers (rewards 0, loss ln 2) and a reward
+            carries no quantisation bias; for ``delayed`` the reference runs in bf16
+            (``true`` is refused there: delayed scales come from an amax history that a
+            forward under ``no_grad`` never updates), and the step-0 rewards then carry
+            the policy's FP8 rounding. ``true``/``false`` force it.
     """
 
     dtype: Literal["fp32", "bf16"] = "fp32"
     fp8: Fp8Recipe | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
     fp8_amax_history_len: int = 1024
-    fp8_reference: bool = False
+    fp8_reference: Literal["auto", True, False] = "auto"
 
 
 def params_dtype(precision: PrecisionConfig | None) -> torch.dtype:
@@ -118,36 +134,43 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def check_supported(precision: PrecisionConfig) -> str | None:
-    """Why this machine cannot run ``precision``, in one line, or None if it can.
+def reference_runs_fp8(precision: PrecisionConfig | None) -> bool:
+    """Whether the reference forward runs in FP8 (``precision.fp8_reference``)."""
+    if precision is None or precision.fp8 is None:
+        return False
+    if precision.fp8_reference == "auto":
+        return precision.fp8 in ("tensorwise", "mxfp8")
+    return bool(precision.fp8_reference)
 
-    bf16 needs CUDA (Megatron's bf16 optimizer wrapper checks for CUDA tensors); FP8
-    needs bf16, CUDA with compute capability >= 8.9 (Ada/Hopper; ``mxfp8``: >= 10,
-    Blackwell) and Transformer Engine.
+
+def reference_numerics(precision: PrecisionConfig | None) -> str:
+    """How the reference's log-probs are computed (``fp32``, ``bf16``, or ``bf16+fp8:
+    RECIPE/FORMAT``): part of a reference cache's fingerprint, so that a cache made in one
+    precision is refused by a run in another."""
+    if precision is None:
+        return "fp32"
+    if reference_runs_fp8(precision):
+        return f"{precision.dtype}+fp8:{precision.fp8}/{precision.fp8_format}"
+    return precision.dtype
+
+
+def check_supported(precision: PrecisionConfig) -> str | None:
+    """What is wrong with ``precision`` itself, in one line, or None.
+
+    FP8 needs ``dtype: bf16``; the amax history is positive. What the machine must have
+    (CUDA, Transformer Engine and its version, the compute capability) is
+    :func:`megatron_pwdpo.platform.refusal`'s.
     """
     if precision.fp8 is not None and precision.dtype != "bf16":
         return f"precision.fp8={precision.fp8} needs precision.dtype=bf16"
     if precision.fp8_amax_history_len <= 0:
         return "precision.fp8_amax_history_len: must be positive"
-    if precision.dtype == "fp32" and precision.fp8 is None:
-        return None
-    what = f"precision.fp8={precision.fp8}" if precision.fp8 else "precision.dtype=bf16"
-    if not torch.cuda.is_available():
+    if precision.fp8 == "delayed" and precision.fp8_reference is True:
         return (
-            f"{what} needs CUDA (Megatron-Core's bf16/FP8 paths are GPU-only); on CPU use "
-            "precision.dtype=fp32"
+            "precision.fp8_reference=true with precision.fp8=delayed: the reference's delayed "
+            "scales come from an amax history that its no-grad forward never updates; use "
+            "precision.fp8=tensorwise, or fp8_reference=auto (bf16 reference)"
         )
-    if precision.fp8 is None:
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    need = (10, 0) if precision.fp8 == "mxfp8" else (8, 9)
-    if (major, minor) < need:
-        return (
-            f"{what} needs a GPU of compute capability >= {need[0]}.{need[1]}, this one is "
-            f"{major}.{minor}" + (" (MXFP8 is Blackwell-only)" if precision.fp8 == "mxfp8" else "")
-        )
-    if not have_transformer_engine():
-        return f"{what} needs NVIDIA Transformer Engine: pip install 'megatron-pwdpo[gpu]'"
     return None
 
 
@@ -172,14 +195,15 @@ def _model_config(chunk: torch.nn.Module):
 def reference_precision(
     precision: PrecisionConfig | None, chunks: Iterable[torch.nn.Module]
 ) -> Iterator[None]:
-    """Run the reference forward in bf16 unless ``precision.fp8_reference``.
+    """Run the reference forward in bf16 unless it runs in FP8
+    (:func:`reference_runs_fp8`).
 
     Megatron-Core decides per forward whether to enter FP8 autocast from
     ``config.fp8``; within this block it is ``None`` on every given chunk (the
     reference's, and the policy's, which the ``offload`` reference runs), and restored
-    after. A no-op without FP8 or with ``fp8_reference``.
+    after. A no-op without FP8 or when the reference runs in FP8.
     """
-    if precision is None or precision.fp8 is None or precision.fp8_reference:
+    if precision is None or precision.fp8 is None or reference_runs_fp8(precision):
         yield
         return
     configs = {id(c): c for c in (_model_config(ch) for ch in chunks) if c is not None}

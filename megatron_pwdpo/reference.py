@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_pwdpo import checkpoint
+from megatron_pwdpo import checkpoint, platform
 from megatron_pwdpo.config import RunConfig, dump_yaml
 from megatron_pwdpo.data.tokenize import TokenizedRow
 from megatron_pwdpo.step import Batch, run_logps
@@ -142,7 +142,7 @@ class ResidentReference(_Strategy):
 
 def _host_like(t: torch.Tensor) -> torch.Tensor:
     """An empty host tensor for ``t`` (pinned when there is a GPU: faster copies)."""
-    pin = torch.cuda.is_available()
+    pin = platform.detect().cuda  # pinned host memory needs a CUDA device
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
 
 
@@ -267,7 +267,7 @@ def build_reference(
             dp_size=1,
             micro_batch_size=config.train.micro_batch_size,
             pad_id=data.tokenizer.pad_id,
-            **packing_options(d),
+            **packing_options(config),
         )
 
     common = {"rebatch": rebatch, "is_last_stage": is_last_stage}

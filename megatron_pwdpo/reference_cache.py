@@ -91,8 +91,10 @@ def row_digests(rows: Sequence[TokenizedRow]) -> np.ndarray:
 def cache_fingerprint(config: RunConfig, tokenizer) -> dict[str, Any]:
     """What a cache's log-probs depend on besides each row's tokens: the reference's
     checkpoint (:func:`checkpoint_digest`), the model section that reads it, the
-    tokenizer files, ``data.seq_length`` and ``loss.logp_reduction``."""
+    tokenizer files, ``data.seq_length``, ``loss.logp_reduction`` and the precision the
+    reference runs in (:func:`megatron_pwdpo.precision.reference_numerics`)."""
     from megatron_pwdpo.data.hf_tokenizer import tokenizer_fingerprint
+    from megatron_pwdpo.precision import reference_numerics
 
     ckpt = reference_checkpoint(config)
     if ckpt is None:
@@ -107,6 +109,7 @@ def cache_fingerprint(config: RunConfig, tokenizer) -> dict[str, Any]:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seq_length": config.data.seq_length,
         "logp_reduction": config.loss.logp_reduction,
+        "reference_precision": reference_numerics(config.precision),
     }
 
 

@@ -71,6 +71,8 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
+    from megatron_pwdpo.platform import config_token_multiple
+    from megatron_pwdpo.precision import reference_precision
     from megatron_pwdpo.reference_cache import (
         cache_fingerprint,
         cache_rows,
@@ -102,15 +104,17 @@ def precompute(config, out: str | Path, *, micro_batch_size: int | None = None) 
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        everything = rows_logps(
-            rows,
-            chunks,
-            layout,
-            pad_id=data.tokenizer.pad_id,
-            micro_batch_size=micro_batch_size or config.train.micro_batch_size,
-            reduction=config.loss.logp_reduction,
-            seq_length=config.data.seq_length,
-        )
+        with reference_precision(config.precision, chunks):  # as the training run's
+            everything = rows_logps(
+                rows,
+                chunks,
+                layout,
+                pad_id=data.tokenizer.pad_id,
+                micro_batch_size=micro_batch_size or config.train.micro_batch_size,
+                reduction=config.loss.logp_reduction,
+                seq_length=config.data.seq_length,
+                token_multiple=config_token_multiple(config),
+            )
         if world.rank == 0:
             write_cache(
                 out,

@@ -29,6 +29,7 @@ def rows_logps(
     micro_batch_size: int,
     reduction: str,
     seq_length: int,
+    token_multiple: int = 16,
 ) -> torch.Tensor | None:
     """``[len(rows)]`` float32 log-probs (``reduction`` over each row's response tokens)
     on global rank 0, in row order; None on every other rank.
@@ -37,6 +38,8 @@ def rows_logps(
         rows: the same ``TokenizedRow`` list on every rank.
         chunks: this rank's model chunks (eval mode, weights loaded).
         layout: this rank's ``training_setup.Layout``.
+        token_multiple: micro-batch widths are multiples of this
+            (:func:`megatron_pwdpo.platform.config_token_multiple`).
     """
     parts = np.array_split(np.arange(len(rows)), layout.dp_size)
     mine = [rows[i] for i in parts[layout.dp_rank]]
@@ -48,13 +51,22 @@ def rows_logps(
         micro_batch_size=micro_batch_size,
         reduction=reduction,
         seq_length=seq_length,
+        token_multiple=token_multiple,
     )
     everything = _gather(local, layout, sizes=[len(p) for p in parts])
     return everything if dist.get_rank() == 0 else None
 
 
 def _local_logps(
-    rows, chunks, *, fb, pad_id: int, micro_batch_size: int, reduction: str, seq_length: int
+    rows,
+    chunks,
+    *,
+    fb,
+    pad_id: int,
+    micro_batch_size: int,
+    reduction: str,
+    seq_length: int,
+    token_multiple: int,
 ) -> torch.Tensor:
     """``[len(rows)]`` log-probs of this replica's rows (meaningful on the last stage)."""
     from megatron_pwdpo.batches import rank_micro_batches
@@ -72,6 +84,7 @@ def _local_logps(
             dp_size=1,
             micro_batch_size=micro_batch_size,
             pad_id=pad_id,
+            token_multiple=token_multiple,
         )
         logps = run_logps(fb, chunks, batches, reduction=reduction, seq_length=seq_length)
         if logps:

@@ -178,3 +178,27 @@ def trim_metrics(run_dir: Path, iteration: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def follow_checkpoint_optimizer(config: RunConfig, common: dict, *, path) -> RunConfig:
+    """The config a resume from ``path`` runs with: its optimizer is the kind that wrote
+    the checkpoint's optimizer state (megatron-core loads a distributed optimizer's state
+    only into a distributed optimizer, and a plain one's only into a plain one).
+
+    ``parallel.distributed_optimizer=auto`` follows the checkpoint (a run resumed at
+    DP=1 from a DP=2 run keeps the distributed optimizer, which is correct at any DP);
+    an explicit setting that contradicts it is refused in one line.
+    """
+    written = bool(common.get("distributed_optimizer", False))
+    setting = config.parallel.distributed_optimizer
+    if setting == "auto":
+        parallel = replace(config.parallel, distributed_optimizer=written)
+        return replace(config, parallel=parallel)
+    if bool(setting) != written:
+        kind = "the distributed optimizer" if written else "the plain (non-distributed) optimizer"
+        raise ConfigError(
+            f"{path} holds optimizer state of {kind}; parallel.distributed_optimizer="
+            f"{str(setting).lower()} cannot resume it: set parallel.distributed_optimizer="
+            f"{str(written).lower()} (or auto), or start a new run_dir"
+        )
+    return config

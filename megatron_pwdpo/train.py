@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_pwdpo import checkpoint, distributed
+from megatron_pwdpo import checkpoint, distributed, platform
 from megatron_pwdpo.batches import (
     Example,
     global_weights,
@@ -39,6 +39,7 @@ from megatron_pwdpo.run_plan import (
     ResumePoint,
     Stage,
     check_init_checkpoint,
+    follow_checkpoint_optimizer,
     plan_stages,
     resume_point,
     stages_to_run,
@@ -52,7 +53,13 @@ from megatron_pwdpo.step import (
     run_logps,
     sum_reports,
 )
-from megatron_pwdpo.training_setup import Layout, build_chunks, build_optimizer, optimizer_step
+from megatron_pwdpo.training_setup import (
+    Layout,
+    build_chunks,
+    build_optimizer,
+    build_plan,
+    optimizer_step,
+)
 from megatron_pwdpo.validation import validate
 
 Batches = list[dict[str, torch.Tensor]]
@@ -92,7 +99,7 @@ class Runner:
             micro_batch_size=self.config.train.micro_batch_size,
             pad_id=self.data.tokenizer.pad_id,
             weights=weights,
-            **packing_options(self.config.data),
+            **packing_options(self.config),
             # the interleaved schedule exchanges activations of one fixed shape
             fixed_width=self.config.data.seq_length
             if self.config.parallel.virtual_pipeline
@@ -276,6 +283,8 @@ class Runner:
             "scheduler": scheduler.state_dict(),
             "layout": checkpoint.layout(),
             "skipped_steps": self.bad_steps.total,
+            # the optimizer state's format: a resume builds the same optimizer
+            "distributed_optimizer": self.policy[0].ddp_config.use_distributed_optimizer,
         }
         path = checkpoint.save_checkpoint(
             self.policy,
@@ -362,6 +371,9 @@ def _start(config: RunConfig, data: PreparedData, resume: ResumePoint | None) ->
         f"world {world.world_size}: tp {p.tensor_parallel} pp {p.pipeline_parallel} "
         f"dp {layout.dp_size}; backend {torch.distributed.get_backend()}"
     )
+    # which kernels the model is built from, on which platform (a GPU without Transformer
+    # Engine says so here rather than running slower unseen)
+    log.info(f"platform {platform.detect().name}: {build_plan(config).describe()}")
     log.info(data.summary())
     runner = Runner(config, data, layout, log)
     if resume is not None:
@@ -390,6 +402,8 @@ def train(config: RunConfig) -> dict[str, float]:
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
     stages = plan_stages(config, data)
     resume = resume_point(config)
+    if resume is not None:
+        config = follow_checkpoint_optimizer(config, resume.common, path=resume.path)
     runner = _start(config, data, resume)
     final: dict[str, float] = {}
     for stage, resume_from in stages_to_run(stages, resume):

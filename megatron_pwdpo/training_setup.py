@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_pwdpo import distributed
+from megatron_pwdpo import distributed, platform
 from megatron_pwdpo.model import build_model
+from megatron_pwdpo.platform import BuildPlan
 from megatron_pwdpo.step import reduce_metrics
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,25 @@ class Layout:
         )
 
 
-def build_chunks(config, *, wrap_ddp: bool) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), optionally in DDP."""
+def build_plan(config) -> BuildPlan:
+    """This rank's :class:`~megatron_pwdpo.platform.BuildPlan` (parallel state must be
+    initialised: the distributed optimizer's ``auto`` reads the data-parallel size)."""
     from megatron.core import parallel_state as ps
 
+    return platform.plan_build(
+        config, platform.detect(), data_parallel=ps.get_data_parallel_world_size()
+    )
+
+
+def build_chunks(config, *, wrap_ddp: bool) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), as Megatron-LM's
+    ``get_model`` builds them: in ``Float16Module`` for bf16 (every weight in bf16,
+    first-stage inputs cast to bf16, last-stage outputs back to fp32), then optionally
+    in Megatron's DDP (fp32 gradient buffers; sharded for the distributed optimizer)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+
+    plan = build_plan(config)
     vp = config.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):
@@ -76,7 +92,10 @@ def build_chunks(config, *, wrap_ddp: bool) -> list[torch.nn.Module]:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
             precision=getattr(config, "precision", None),
+            plan=plan,
         )
+        if model.config.bf16:
+            model = Float16Module(model.config, model)
         chunks.append(model)
     if not wrap_ddp:
         return chunks
@@ -89,7 +108,7 @@ def build_chunks(config, *, wrap_ddp: bool) -> list[torch.nn.Module]:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=torch.cuda.is_available(),
+        use_distributed_optimizer=plan.distributed_optimizer,
     )
     wrapped = [
         DistributedDataParallel(
@@ -103,13 +122,11 @@ def build_chunks(config, *, wrap_ddp: bool) -> list[torch.nn.Module]:
 
 
 def build_optimizer(chunks: list[torch.nn.Module], t, *, lr: float, steps: int):
-    """Megatron's Adam (distributed optimizer on GPU) and a warm-up + cosine schedule."""
+    """Megatron's Adam (the distributed optimizer when the chunks' DDP shards for it) with
+    fp32 master weights for bf16 chunks, and a warm-up + cosine schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    distributed_opt = torch.cuda.is_available()
-    if not distributed_opt:
-        log.info("no CUDA: plain Megatron optimizer (the distributed optimizer needs GPU tensors)")
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -118,7 +135,7 @@ def build_optimizer(chunks: list[torch.nn.Module], t, *, lr: float, steps: int):
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         clip_grad=t.clip_grad,
-        use_distributed_optimizer=distributed_opt,
+        use_distributed_optimizer=chunks[0].ddp_config.use_distributed_optimizer,
         # bf16 params (precision.dtype=bf16, FP8 included): fp32 master weights in the optimizer
         bf16=bool(chunks[0].config.bf16),
         params_dtype=chunks[0].config.params_dtype,

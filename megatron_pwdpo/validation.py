@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from megatron_pwdpo import platform
 from megatron_pwdpo.config import ConfigError, RunConfig
+from megatron_pwdpo.platform import Platform
 from megatron_pwdpo.precision import check_supported
 
 
@@ -19,8 +19,11 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(config: RunConfig, *, world_size: int | None = None) -> None:
-    """Check values and their combinations; ``world_size`` adds the layout checks."""
+def validate(
+    config: RunConfig, *, world_size: int | None = None, on: Platform | None = None
+) -> None:
+    """Check values and their combinations; ``world_size`` adds the layout checks, ``on``
+    the platform's (:func:`megatron_pwdpo.platform.refusal`; this machine's when None)."""
     m, p, t, d, loss = config.model, config.parallel, config.train, config.data, config.loss
     for key, value in [
         ("model.num_layers", m.num_layers),
@@ -81,16 +84,6 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
         f"data.seq_length ({d.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})",
     )
     _require(
-        d.packing != "masked" or not torch.cuda.is_available(),
-        "data.packing=masked needs the local layer spec (CPU); on GPU Transformer Engine "
-        "ignores the block-diagonal mask: use data.packing=thd",
-    )
-    _require(
-        d.packing != "thd" or _have_transformer_engine(),
-        "data.packing=thd needs Transformer Engine on GPU (megatron-core's local layer "
-        "spec refuses PackedSeqParams): use data.packing=masked on CPU",
-    )
-    _require(
         d.packing == "none" or not p.virtual_pipeline,
         f"data.packing={d.packing} with parallel.virtual_pipeline is not supported: the "
         "interleaved schedule needs a fixed number of micro-batches per step (a multiple "
@@ -107,15 +100,20 @@ def validate(config: RunConfig, *, world_size: int | None = None) -> None:
         "(the output layer's input is sharded along the sequence): set one of them",
     )
     _require(
-        not p.sequence_parallel or torch.cuda.is_available(),
-        "parallel.sequence_parallel needs Transformer Engine on GPU (megatron-core's local "
-        "layer spec, used on CPU, refuses it)",
-    )
-    _require(
         not p.sequence_parallel or p.tensor_parallel > 1,
         "parallel.sequence_parallel needs parallel.tensor_parallel > 1",
     )
-    unsupported = check_supported(config.precision)
+    multiple = platform.config_token_multiple(config)
+    _require(
+        d.seq_length % multiple == 0 or not (p.sequence_parallel or config.precision.fp8),
+        f"data.seq_length ({d.seq_length}) must be a multiple of {multiple} with "
+        f"parallel.sequence_parallel / precision.fp8 at tensor_parallel {p.tensor_parallel} "
+        "(fixed-width micro-batches are split along the sequence over the tensor-parallel "
+        "ranks, and FP8 GEMMs need aligned tokens per rank)",
+    )
+    unsupported = check_supported(config.precision) or platform.refusal(
+        config, on or platform.detect()
+    )
     _require(unsupported is None, str(unsupported))
     needs_ref = loss.name != "sft"
     _require(
@@ -221,17 +219,6 @@ def score_range_problem(
             "score and minmax normalisation (rating has a fixed 0-4 scale)"
         )
     return None
-
-
-def _have_transformer_engine() -> bool:
-    """CUDA and an importable Transformer Engine (what the TE layer spec needs)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except (ImportError, RuntimeError):
-        return False
-    return True
 
 
 def _validate_reference(config: RunConfig) -> None:

@@ -30,6 +30,23 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def te_answers(monkeypatch):
+    """What megatron-core asks Transformer Engine while it checks a TransformerConfig
+    (``apply_rope_fusion`` needs TE's fused RoPE; version checks), answered as TE 2.8
+    would: lets a CPU test build the config a GPU with TE builds. Only the answers to
+    those questions are stood in; the config itself is megatron-core's own."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import transformer_config as tc_module
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
+    from packaging.version import Version
+
+    monkeypatch.setattr(
+        tc_module, "is_te_min_version", lambda version, **_: Version("2.8") >= Version(version)
+    )
+
+
 def run_cli(
     args: list[str],
     *,

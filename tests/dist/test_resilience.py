@@ -78,7 +78,9 @@ def test_resume_at_another_tensor_parallel_size_continues_the_curve(
     )
     assert crashed.returncode != 0
     assert int((tmp_path / "checkpoints" / "latest.txt").read_text()) == 5
-    resumed = run_cli([*ARGS, f"run_dir={tmp_path}", f"parallel.tensor_parallel={after}"], nproc=after)
+    resumed = run_cli(
+        [*ARGS, f"run_dir={tmp_path}", f"parallel.tensor_parallel={after}"], nproc=after
+    )
     assert "RNG not restored" in resumed.stdout + resumed.stderr  # the layout changed
     _assert_same_curve(uninterrupted, tmp_path, rtol=2e-5)  # TP=2 = TP=1 to rounding
 

@@ -12,8 +12,15 @@ FP8 rounds every GEMM input to 3 (E4M3) or 2 (E5M2) mantissa bits with a per-ten
 a wrong scale (an amax never updated, a recipe silently ignored, a reference forward
 in the wrong precision) shows as a loss that drifts away over the steps.
 
+FP8 must really be on: the FP8 curve differs from the bf16 one (a run with FP8 silently
+off would pass the closeness bounds), the run's log names the recipe, and with
+``tensorwise`` (the examples' recipe; the reference runs in FP8 too by default) the first
+point-wise DPO step has rewards exactly 0 and loss ln 2. With two or more GPUs the same
+runs at TP=2 with sequence parallelism, with THD packing, and at DP=2.
+
 Needs CUDA (compute capability >= 8.9; ``mxfp8``: >= 10) and Transformer Engine;
-skipped otherwise.
+skipped otherwise (the CPU suite checks the configuration these runs build:
+``tests/unit/test_platform.py``).
 """
 
 import pytest
@@ -67,7 +74,8 @@ def bf16_run(tmp_path_factory):
 def test_fp8_loss_stays_close_to_bf16(recipe, bf16_run, tmp_path):
     if recipe == "mxfp8" and torch.cuda.get_device_capability() < (10, 0):
         pytest.skip("MXFP8 needs Blackwell (compute capability >= 10)")
-    run_cli([*ARGS, f"precision.fp8={recipe}", f"run_dir={tmp_path}"], timeout=900)
+    proc = run_cli([*ARGS, f"precision.fp8={recipe}", f"run_dir={tmp_path}"], timeout=900)
+    assert f"fp8 {recipe}" in proc.stdout + proc.stderr  # the plan the run logged
     sft, sft_bf16 = train_curve(tmp_path, "sft"), train_curve(bf16_run, "sft")
     dpo, dpo_bf16 = train_curve(tmp_path, "pointwise_dpo"), train_curve(bf16_run, "pointwise_dpo")
     assert len(sft) == len(sft_bf16) == STEPS and len(dpo) == len(dpo_bf16) == STEPS
@@ -77,3 +85,28 @@ def test_fp8_loss_stays_close_to_bf16(recipe, bf16_run, tmp_path):
         assert abs(a - b) <= DPO_ATOL, f"DPO step {step}: fp8 {a:.4f} vs bf16 {b:.4f}"
     # both learn: the SFT loss falls over the stage
     assert sft[-1] < sft[0] and sft_bf16[-1] < sft_bf16[0]
+    # FP8 really ran: its numbers are not bf16's
+    assert max(abs(a - b) for a, b in zip(sft, sft_bf16, strict=True)) > 0
+    if recipe == "tensorwise":  # the reference in FP8 too: no quantisation bias at step 0
+        first = train_curve(tmp_path, "pointwise_dpo", "reward_desirable")[0]
+        assert first == 0 and dpo[0] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("layout", "nproc"),
+    [
+        (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"], 2),
+        (["data.packing=thd"], 1),
+        ([], 2),  # DP=2, the distributed optimizer
+        (["data.packing=thd", "precision.fp8=delayed"], 2),  # TP-only amax reduction
+    ],
+    ids=["tp2-sp", "thd", "dp2", "thd-dp2-delayed"],
+)
+def test_fp8_layouts_train(layout, nproc, tmp_path):
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    short = [a for a in ARGS if not a.startswith(("train.sft_steps", "train.steps"))]
+    args = [*short, "train.sft_steps=2", "train.steps=3", "precision.fp8=tensorwise", *layout]
+    run_cli([*args, f"run_dir={tmp_path}"], nproc=nproc, timeout=900)
+    dpo = train_curve(tmp_path, "pointwise_dpo")
+    assert len(dpo) == 3 and all(0 < x < 2 for x in dpo)

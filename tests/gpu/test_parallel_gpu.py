@@ -41,6 +41,6 @@ def test_sequence_parallel_tp2_matches_one_gpu(initial, single, tmp_path):
 
 
 def test_distributed_optimizer_dp2_matches_one_gpu(initial, single, tmp_path):
-    # on CUDA the distributed optimizer is always used (training_setup.build_optimizer)
+    # parallel.distributed_optimizer=auto: on at DP=2
     run_cli([*ARGS, f"train.init_checkpoint={initial}", f"run_dir={tmp_path}"], nproc=2)
     assert_same_curves(single, tmp_path, steps=2, rtol=1e-4)

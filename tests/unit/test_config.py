@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG, main
 from megatron_pwdpo.config import ConfigError, RunConfig, load_config, parse_overrides
@@ -53,24 +52,7 @@ def test_parse_overrides():
         (["reference.mode=none"], "reference.mode: 'none' is only valid with loss.name=sft"),
         (["loss.name=ipo"], "loss.name=ipo regresses the margin onto 1/(2 beta)"),  # sum here
         (["data.seq_length=4096"], "exceeds model.max_seq_length"),
-        pytest.param(
-            ["parallel.sequence_parallel=true", "parallel.tensor_parallel=2"],
-            "parallel.sequence_parallel needs Transformer Engine on GPU",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal"),
-        ),
         (["data.packing=bshd"], "data.packing: 'bshd' is not one of"),
-        pytest.param(
-            ["data.packing=thd"],
-            "data.packing=thd needs Transformer Engine on GPU",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal"),
-        ),
-        pytest.param(
-            ["data.packing=masked"],
-            "data.packing=masked needs the local layer spec (CPU)",
-            marks=pytest.mark.skipif(
-                not torch.cuda.is_available(), reason="a GPU-only refusal (masked is CPU's)"
-            ),
-        ),
         (["parallel.logprob_chunk_size=-1"], "parallel.logprob_chunk_size: must be >= 0"),
         pytest.param(
             [
@@ -80,7 +62,6 @@ def test_parse_overrides():
                 "parallel.virtual_pipeline=2",
             ],
             "data.packing=masked with parallel.virtual_pipeline is not supported",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="masked is CPU's"),
         ),
     ],
 )

@@ -11,61 +11,25 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from megatron_pwdpo import precision
-from megatron_pwdpo.config import ConfigError, RunConfig, load_config
+from megatron_pwdpo.config import ConfigError, load_config
 from megatron_pwdpo.experiment import check_runs, load_experiment
-from megatron_pwdpo.model import padded_vocab_size
+from megatron_pwdpo.platform import GPU_WITH_TE
+from megatron_pwdpo.sizing import memory_per_gpu
 from megatron_pwdpo.validation import validate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER_CONFIGS = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "tiny_cpu.yaml")
 TOPOLOGY = re.compile(r"-(\d+)n(\d+)g-tp(\d+)pp(\d+)-")
 H100_GB = 80.0
-ACTIVATION_BYTES = 34  # per token x hidden unit per layer, over TP (README, "Sizing")
-
-
-def memory_per_gpu(config: RunConfig, world_size: int) -> dict[str, float]:
-    """GB on the most loaded GPU (a first or last pipeline stage), bf16 with the
-    distributed optimizer: weights 2 B/param, fp32 gradients 4 B, fp32 master weights and
-    Adam's two moments 12 B shared over data parallel, the resident reference 2 B, and
-    stored activations ~34 s*h/TP bytes per layer per micro-batch in flight (1F1B keeps up
-    to PP micro-batches on the first stage)."""
-    m, p, t = config.model, config.parallel, config.train
-    tp, pp = p.tensor_parallel, p.pipeline_parallel
-    dp = world_size // (tp * pp)
-    kv = (m.num_query_groups or m.num_attention_heads) * (
-        m.kv_channels or m.hidden_size // m.num_attention_heads
-    )
-    h = m.hidden_size
-    layer = 2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden_size + 2 * h
-    vocab = padded_vocab_size(m.vocab_size, multiple=m.vocab_pad_multiple, tensor_parallel=tp)
-    # an end stage holds one embedding table (both of them, if untied, when PP=1)
-    tables = 2 if pp == 1 and m.untie_embeddings else 1
-    params = (m.num_layers // pp * layer + tables * vocab * h) / tp
-    in_flight = min(pp, t.global_batch_size // (t.micro_batch_size * dp))
-    tokens = config.data.seq_length * t.micro_batch_size
-    gb = {
-        "params_per_gpu_billion": params / 1e9,
-        "weights": 2 * params / 1e9,
-        "gradients": 4 * params / 1e9,
-        "optimizer": 12 * params / dp / 1e9,
-        "reference": 2 * params / 1e9 if config.reference.mode == "resident" else 0.0,
-        "activations": ACTIVATION_BYTES * tokens * h / tp * (m.num_layers // pp) * in_flight / 1e9,
-    }
-    gb["total"] = sum(v for k, v in gb.items() if k != "params_per_gpu_billion")
-    return gb
 
 
 @pytest.fixture
-def on_an_h100_node(monkeypatch):
-    """Validation checks the machine (bf16, FP8 and sequence parallelism need CUDA, FP8 a
-    Hopper GPU and Transformer Engine): answer as an H100 node would."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(precision, "have_transformer_engine", lambda: True)
+def on_an_h100_node():
+    """Validation checks the platform (FP8 and sequence parallelism need Transformer
+    Engine, FP8 a Hopper GPU): the platform of an H100 node with TE and apex."""
+    return GPU_WITH_TE
 
 
 def test_the_tiny_default_validates_on_cpu():
@@ -83,11 +47,12 @@ def test_cluster_config_matches_its_name_and_fits(path, on_an_h100_node):
     match = TOPOLOGY.search(path.stem)
     assert match, f"{path.name}: the name should encode NODESnGPUSg-tpTPppPP"
     nodes, gpus, tp, pp = map(int, match.groups())
-    config = load_config(path)
+    config = load_config(path, on=on_an_h100_node)
     assert (config.parallel.tensor_parallel, config.parallel.pipeline_parallel) == (tp, pp)
     assert tp <= gpus, "tensor parallelism stays within a node"
-    validate(config, world_size=nodes * gpus)
+    validate(config, world_size=nodes * gpus, on=on_an_h100_node)
     assert Path(config.run_dir).name == path.stem
+    assert Path(config.run_dir).is_absolute() and config.run_dir.startswith("/shared/")
     assert config.precision.dtype == "bf16"
     assert (config.precision.fp8 is not None) == path.stem.endswith("-fp8")
     # the command in the header asks for the nodes the name says
@@ -98,8 +63,8 @@ def test_cluster_config_matches_its_name_and_fits(path, on_an_h100_node):
 
 @pytest.mark.parametrize("bf16", [p for p in CLUSTER_CONFIGS if p.stem.endswith("-bf16")])
 def test_fp8_config_differs_from_bf16_only_in_precision(bf16, on_an_h100_node):
-    a = load_config(bf16)
-    b = load_config(bf16.with_name(bf16.name.replace("-bf16", "-fp8")))
+    a = load_config(bf16, on=on_an_h100_node)
+    b = load_config(bf16.with_name(bf16.name.replace("-bf16", "-fp8")), on=on_an_h100_node)
     assert dataclasses.replace(b, run_dir=a.run_dir, precision=a.precision) == a
 
 
@@ -122,3 +87,41 @@ def test_every_run_of_the_paper_experiment_validates_on_8_gpus(tmp_path, on_an_h
     assert exp["nproc"] == 8 and tree["precision"]["dtype"] == "bf16"
     with pytest.raises(ConfigError, match="world size 4"):  # TP=8 cannot run on 4 ranks
         _check_experiment(paper, tmp_path, ["experiment.nproc=4"])
+
+
+def test_70b_estimate_matches_the_hand_count(on_an_h100_node):
+    """CLUSTER_REVIEW item 18, counted by hand for TP8 PP4 DP2 stage 0: ~32 GB static
+    (bf16 weights, fp32 gradients, Adam over DP=2, the resident bf16 reference) and ~11 GB
+    of activations."""
+    config = load_config(EXAMPLES / "llama3-70b-8n8g-tp8pp4-bf16.yaml", on=on_an_h100_node)
+    gb = memory_per_gpu(config, 64)
+    static = gb["weights"] + gb["gradients"] + gb["optimizer"] + gb["reference"]
+    assert static == pytest.approx(32, abs=2)
+    assert gb["activations"] == pytest.approx(11.4, abs=1)
+
+
+def test_train_dry_run_prints_the_plan_and_the_estimate(capsys):
+    from megatron_pwdpo.cli import main
+
+    path = EXAMPLES / "llama3-70b-8n8g-tp8pp4-fp8.yaml"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(path),
+                "--dry-run",
+                "--world-size",
+                "64",
+                "--platform",
+                "gpu-te",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "valid for a world of 64" in out and "layer spec te" in out
+    assert "distributed optimizer on" in out and "total" in out
+    # on this CPU machine the same file is refused in one line (FP8 needs TE)
+    assert main(["train", "--config", str(path), "--dry-run", "--world-size", "64"]) == 2
+    assert "Transformer Engine" in capsys.readouterr().err

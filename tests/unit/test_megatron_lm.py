@@ -1,20 +1,19 @@
 """The pieces for Megatron-LM's pretrain(): items stacked by the default collate give the
 same loss as our own micro-batches of the same rows (point-wise DPO and ULMA, whose
 demonstrations have no reference), the reference comes from precompute-ref's checked
-``.npz``, and what that path cannot do is refused up front, one line each."""
+``.npz``, the YAML gives Megatron-LM's defaults and contradicting flags are named, the SFT
+stage is run_plan's, and what that path cannot do is refused up front, one line each.
+The example under the real pretrain(): tests/dist/test_pretrain_real.py."""
 
-import dataclasses
-import importlib.util
+import functools
 import math
 import re
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import write_reference_cache
 
 from megatron_pwdpo.batches import rank_micro_batches
@@ -27,8 +26,13 @@ from megatron_pwdpo.megatron_lm import (
     PointwiseRowDataset,
     build_datasets,
     check_supported,
+    checkpoint_problems,
+    contradictions,
     make_forward_step,
+    megatron_args,
+    model_provider,
     reference_logps,
+    select_stage,
     unsupported,
 )
 from megatron_pwdpo.reference_cache import cache_rows
@@ -291,95 +295,128 @@ def test_make_forward_step_refuses_what_it_cannot_compute(loss):
         make_forward_step(loss, num_microbatches=1, data_parallel_size=1)
 
 
-# --------------------------------------------------------------------------- the example
+# --------------------------------------------------------------------------- the example's pieces
+# (the example itself runs under the real pretrain() in tests/dist/test_pretrain_real.py)
 
 
-def _example(monkeypatch):
-    """The example script with a stand-in ``megatron.training`` (part of Megatron-LM,
-    not installed here) that records what ``pretrain()`` is given."""
-    calls = {}
-    fake = types.ModuleType("megatron.training")
-    fake.pretrain = lambda *args, **kwargs: calls.setdefault("pretrain", args)
-    fake.get_args = lambda: calls["args"]
-    monkeypatch.setitem(sys.modules, "megatron.training", fake)
-    spec = importlib.util.spec_from_file_location("pretrain_pwdpo_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, calls
+def _args(config, stage, **flags):
+    """Megatron-LM's parsed flags as the example gets them: the YAML's values (its
+    ``args_defaults``) where a flag is not given, then ``flags``."""
+    values = {dest: value for dest, value, _ in megatron_args(config, stage)}
+    return types.SimpleNamespace(**{**values, **flags})
 
 
-def _yaml(tmp_path, config):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
-    return path
-
-
-def test_the_example_refuses_before_megatron_lm_starts(tmp_path, monkeypatch, capsys):
-    example, calls = _example(monkeypatch)
-    overrides = ["loss.name=kto", "loss.normalization=per_class", "train.sft_steps=100"]
-    config = load_config(DEFAULT_CONFIG, overrides)
-    with pytest.raises(SystemExit) as stop:
-        example.main(["--pwdpo-config", str(_yaml(tmp_path, config)), "--pwdpo-ref-cache", "x"])
-    lines = str(stop.value.code).splitlines()
-    assert [line.split(": ")[2].split()[0] for line in lines] == [
-        "loss.name=kto",
-        "loss.normalization=per_class",
-        "train.sft_steps=100",
-    ]
-    assert all(line.startswith("pretrain_pwdpo.py: error: ") for line in lines)
-    assert "pretrain" not in calls
-
-
-def test_the_example_trains_ulma_from_a_precompute_ref_cache(tmp_path, reference_ckpt, monkeypatch):
+@functools.cache
+def _default_data():
     from megatron_pwdpo.data.prepare import prepare_data
 
-    example, calls = _example(monkeypatch)
-    config = _config(reference_ckpt, "loss.name=ulma")
-    data = prepare_data(config.data, vocab_size=config.model.vocab_size)
-    rows = data.train + data.eval
-    needed = cache_rows(rows, loss_name="ulma")
-    assert 0 < len(needed) < len(rows)  # the shipped slice has demonstrations
-    cache, run_yaml = tmp_path / "ref.npz", _yaml(tmp_path, config)
+    return prepare_data(load_config(DEFAULT_CONFIG).data, vocab_size=2048)
 
-    _write(cache, config, needed[1:], data.tokenizer)  # incomplete: refused, names the row
-    with pytest.raises(SystemExit, match=f"{cache} lacks 1 of .* '{needed[0].id}'"):
-        example.main(["--pwdpo-config", str(run_yaml), "--pwdpo-ref-cache", str(cache)])
-    assert "pretrain" not in calls
 
-    _write(cache, config, needed, data.tokenizer)
-    example.main(["--pwdpo-config", str(run_yaml), "--pwdpo-ref-cache", str(cache)])
-    provider = calls["pretrain"][0]
-    calls["args"] = types.SimpleNamespace(
-        global_batch_size=8,
-        seq_length=config.data.seq_length,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None,
-        sequence_parallel=False,
+def _stage(config, name="main"):
+    """The stage of ``config`` (whose data section is the default config's)."""
+    return select_stage(config, _default_data(), name)
+
+
+def test_args_defaults_come_from_the_yaml_and_contradictions_name_both_values():
+    config = load_config(DEFAULT_CONFIG, ["train.sft_steps=0", "reference.cache_path=r.npz"])
+    stage = _stage(config)
+    defaults = {dest: value for dest, value, _ in megatron_args(config, stage)}
+    m = config.model
+    assert (defaults["num_layers"], defaults["hidden_size"], defaults["ffn_hidden_size"]) == (
+        m.num_layers,
+        m.hidden_size,
+        m.ffn_hidden_size,
     )
-    train, valid, test = provider([3 * len(data.train), 16, 0])  # --train-iters: 3 epochs
-    assert (len(train), len(valid), test) == (3 * len(data.train), len(data.eval), None)
-    stream = GlobalBatchSampler(len(data.train), global_batch_size=8, seed=config.train.seed)
-    row_of = stream.stream(0, 200)  # item i is position i of the training sample stream
-    demo = next(i for i in range(200) if data.train[row_of[i]].is_demo)
-    other = next(i for i in range(200) if not data.train[row_of[i]].is_demo)
-    assert math.isnan(train[demo]["ref_logps"].item())
-    expected = np.float32(-1.0 - data.train[row_of[other]].row_index / 10)
-    assert train[other]["ref_logps"].item() == expected
-    assert train[other]["weight"].item() == 1 / 8
+    assert defaults["num_attention_heads"] == m.num_attention_heads
+    assert defaults["num_query_groups"] == m.num_query_groups and defaults["group_query_attention"]
+    assert defaults["max_position_embeddings"] == m.max_seq_length
+    assert defaults["seq_length"] == config.data.seq_length
+    assert defaults["tokenizer_type"] == "SentencePieceTokenizer"
+    assert defaults["tokenizer_model"] == str(config.data.tokenizer)
+    assert defaults["train_iters"] == config.train.steps and defaults["lr"] == config.train.lr
+    assert defaults["global_batch_size"] == config.train.global_batch_size
+    assert contradictions(_args(config, stage), config, stage) == []
+    # unset flags (None) are filled by the YAML; the layout and intervals are free
+    free = _args(config, stage, num_layers=None, tensor_model_parallel_size=2, eval_iters=0)
+    assert contradictions(free, config, stage) == []
+    bad = _args(config, stage, hidden_size=256, train_iters=7, bf16=True)
+    assert contradictions(bad, config, stage) == [
+        f"--hidden-size 256 differs from the YAML's model.hidden_size={m.hidden_size}",
+        f"--train-iters 7 differs from the YAML's train.steps={config.train.steps}",
+        "--bf16 True differs from the YAML's precision.dtype (bf16)=False",
+    ]
+    refused = _args(config, stage, context_parallel_size=2, calculate_per_token_loss=True)
+    lines = contradictions(refused, config, stage)
+    assert [line.split(" is not supported")[0] for line in lines] == [
+        "--context-parallel-size 2",
+        "--calculate-per-token-loss",
+    ]
+    assert all("\n" not in line for line in lines)
 
-    model = calls["pretrain"][1]
-    calls["args"].seq_length += 1
-    with pytest.raises(ConfigError, match="--seq-length 257 differs from the YAML's data.seq"):
-        provider(None)
-    calls["args"].seq_length -= 1
-    calls["args"].tensor_model_parallel_size = 2
-    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2 differs .*=1"):
-        model(True, True)  # refused before any model is built
-    calls["args"].tensor_model_parallel_size = 1
-    calls["args"].bf16 = True  # the YAML trains in fp32
-    with pytest.raises(ConfigError, match=r"--bf16 True differs from the YAML's precision.dtype"):
-        model(True, True)
+
+def test_the_sft_stage_is_megatron_pwdpo_trains_sft_stage():
+    """``--pwdpo-stage sft`` and ``loss.name=sft`` train the demonstrations with the
+    token mean, as run_plan's SFT stage does; the sft stage's steps and LR are its own."""
+    preference = load_config(DEFAULT_CONFIG)  # sft_steps > 0
+    sft_stage = _stage(preference, "sft")
+    sft_loss = _stage(load_config(DEFAULT_CONFIG, ["loss.name=sft"]))
+    for stage in (sft_stage, sft_loss):
+        assert stage.loss.name == "sft" and stage.loss.logp_reduction == "mean"
+        assert stage.examples and all(r.is_demo for r in stage.examples)
+    assert [r.id for r in sft_stage.examples] == [r.id for r in sft_loss.examples]
+    defaults = {d: (v, k) for d, v, k in megatron_args(preference, sft_stage)}
+    assert defaults["train_iters"] == (preference.train.sft_steps, "train.sft_steps")
+    assert defaults["lr"] == (preference.train.sft_lr, "train.sft_lr")
+    assert unsupported(preference, stage="sft") == []
+    assert "train.sft_steps=100 is not supported in the main stage" in unsupported(preference)[0]
+    no_sft = load_config(DEFAULT_CONFIG, ["train.sft_steps=0", "reference.cache_path=r"])
+    assert unsupported(no_sft, stage="sft")[0].startswith("--pwdpo-stage sft needs an SFT")
+
+
+def test_the_model_provider_takes_megatron_lm_016s_keywords():
+    import inspect
+
+    provider = model_provider(load_config(DEFAULT_CONFIG))
+    params = inspect.signature(provider).parameters
+    assert list(params) == ["pre_process", "post_process", "vp_stage", "config", "pg_collection"]
+    assert all(p.default is not inspect.Parameter.empty for p in params.values())
+
+
+def test_a_load_folder_without_a_usable_checkpoint_is_refused(tmp_path):
+    from megatron_pwdpo.checkpoint import MEGATRON_LM_TRACKER
+
+    assert checkpoint_problems(None) == []
+    empty = tmp_path / "empty"
+    (line,) = checkpoint_problems(empty)
+    assert line == f"--load {empty} has no {MEGATRON_LM_TRACKER}: no checkpoint to load"
+    assert checkpoint_problems(empty, save=empty) == []  # a first run that resumes later
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "iter_0000002").mkdir(parents=True)
+    (ckpts / "iter_0000002" / "metadata.json").write_text("{}")
+    (ckpts / "latest.txt").write_text("2\n")
+    assert "write the iteration of its latest.txt" in checkpoint_problems(ckpts)[0]
+    (ckpts / MEGATRON_LM_TRACKER).write_text("2\n")
+    assert checkpoint_problems(ckpts) == []
+    assert checkpoint_problems(ckpts / "iter_0000002") == [
+        f"--load {ckpts / 'iter_0000002'} is one checkpoint: pass its folder, --load {ckpts}"
+    ]
+    (ckpts / MEGATRON_LM_TRACKER).write_text("5\n")
+    assert "names iteration '5', not there" in checkpoint_problems(ckpts)[0]
+
+
+def test_megatron_pwdpo_reads_a_pretrain_save_folder(tmp_path):
+    from megatron_pwdpo.checkpoint import MEGATRON_LM_TRACKER, resolve_checkpoint
+
+    saved = tmp_path / "ckpts"
+    for it in (2, 3):
+        (saved / f"iter_000000{it}").mkdir(parents=True)
+        (saved / f"iter_000000{it}" / "metadata.json").write_text("{}")
+    (saved / MEGATRON_LM_TRACKER).write_text("3")
+    assert resolve_checkpoint(saved) == saved / "iter_0000003"
+    (saved / MEGATRON_LM_TRACKER).write_text("4")
+    with pytest.raises(FileNotFoundError, match="names iter_0000004, not a torch_dist"):
+        resolve_checkpoint(saved)
 
 
 @pytest.mark.parametrize("balance", [False, True])

@@ -44,8 +44,19 @@ def mopt():
             distributed.shutdown()
 
 
-def _build(clip_grad: float):
-    config = load_config(DEFAULT_CONFIG, TINY)
+KINDS = {  # config overrides -> the optimizer class get_megatron_optimizer chains
+    "fp32": ([], "FP32Optimizer"),
+    "bf16": (["precision.dtype=bf16"], "Float16OptimizerWithFloat16Params"),
+    "distopt": (["parallel.distributed_optimizer=true"], "DistributedOptimizer"),
+    "distopt-bf16": (
+        ["parallel.distributed_optimizer=true", "precision.dtype=bf16"],
+        "DistributedOptimizer",
+    ),
+}
+
+
+def _build(clip_grad: float, kind: str = "fp32"):
+    config = load_config(DEFAULT_CONFIG, [*TINY, *KINDS[kind][0]])
     cpu_bridge.manual_seed(0)
     chunks = build_chunks(config, wrap_ddp=True)
     train = dataclasses.replace(config.train, clip_grad=clip_grad, warmup_steps=0)
@@ -85,13 +96,15 @@ def _assert_bitwise(got: list[torch.Tensor], want: list[torch.Tensor], what: str
         assert torch.equal(a, b), f"{what} {i}: max diff {(a - b).abs().max()}"
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("clip_grad", [1e-3, 1e9, 0.0], ids=["clips", "no-clip", "clip-off"])
-def test_same_update_and_norm_as_the_stock_step(mopt, monkeypatch, clip_grad):
-    stock_chunks, stock_opt = _build(clip_grad)
-    ours_chunks, ours_opt = _build(clip_grad)
-    # what get_megatron_optimizer returns here: a ChainedOptimizer over one FP32Optimizer
+def test_same_update_and_norm_as_the_stock_step(mopt, monkeypatch, clip_grad, kind):
+    stock_chunks, stock_opt = _build(clip_grad, kind)
+    ours_chunks, ours_opt = _build(clip_grad, kind)
+    # what get_megatron_optimizer returns here: a ChainedOptimizer over one optimizer of
+    # the kind the config asks for (bf16: fp32 main weights; distributed: sharded state)
     assert isinstance(ours_opt, mopt.ChainedOptimizer)
-    assert [type(o) for o in ours_opt.chained_optimizers] == [mopt.FP32Optimizer]
+    assert [type(o).__name__ for o in ours_opt.chained_optimizers] == [KINDS[kind][1]]
     _assert_bitwise(_params(ours_chunks), _params(stock_chunks), "initial weights")
 
     # count the work and see which clip runs (looked up in the optimizer module, both ways)
@@ -129,12 +142,13 @@ def test_same_update_and_norm_as_the_stock_step(mopt, monkeypatch, clip_grad):
         assert isinstance(got_norm, float) and got_norm == want_norm and math.isfinite(got_norm)
         assert len(prepared) == 1 and len(norms) == 1 == stock_norms
         assert clips == stock_clips == ([] if clip_grad == 0.0 else [(clip_grad, got_norm)])
-        # the gradients the update used: clipped by the same factor, or left alone
-        used = [p.grad for c in ours_chunks for p in c.parameters()]
-        _assert_bitwise(used, [p.grad for c in stock_chunks for p in c.parameters()], "grads")
         coeff = clip_grad / (got_norm + 1e-6)
-        for g, r in zip(used, raw, strict=True):
-            assert torch.equal(g, r * coeff if 0 < coeff < 1 else r)
+        if kind == "fp32":  # the update used the model's own grads: clipped, or left alone
+            used = [p.grad for c in ours_chunks for p in c.parameters()]
+            stock_used = [p.grad for c in stock_chunks for p in c.parameters()]
+            _assert_bitwise(used, stock_used, "grads")
+            for g, r in zip(used, raw, strict=True):
+                assert torch.equal(g, r * coeff if 0 < coeff < 1 else r)
         _assert_bitwise(_params(ours_chunks), _params(stock_chunks), f"step {step} weights")
         _assert_bitwise(_adam_state(ours_opt), _adam_state(stock_opt), f"step {step} Adam")
     if clip_grad == 1e-3:
@@ -172,3 +186,41 @@ def test_an_optimizer_with_its_own_step_is_refused(mopt):
 
     with pytest.raises(TypeError, match="OwnStep overrides"):
         optimizer_step(OwnStep([]), loss_is_finite=True)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "distopt-bf16"])
+def test_bf16_model_weights_with_fp32_master_weights(mopt, kind):
+    chunks, optimizer = _build(1.0, kind)
+    params = [p for c in chunks for p in c.parameters()]
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    (part,) = optimizer.chained_optimizers
+    main = [p for group in part.optimizer.param_groups for p in group["params"]]
+    assert main and all(p.dtype == torch.float32 for p in main)
+    _write_grads(chunks, optimizer, 0)
+    assert optimizer_step(optimizer, loss_is_finite=True)[0]
+    # the bf16 weights are the fp32 master weights rounded (the copy back after the step)
+    if kind == "bf16":
+        for model_group, main_group in zip(
+            part.float16_groups, part.fp32_from_float16_groups, strict=True
+        ):
+            for p, m in zip(model_group, main_group, strict=True):
+                assert torch.equal(p, m.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "distopt"])
+def test_adam_state_made_before_the_first_step_changes_nothing(mopt, kind):
+    """A save or resume before the first step creates torch Adam's state early
+    (``checkpoint.materialise_adam_state``): the steps that follow are bitwise the same."""
+    from megatron_pwdpo.checkpoint import materialise_adam_state
+
+    lazy_chunks, lazy_opt = _build(1.0, kind)
+    early_chunks, early_opt = _build(1.0, kind)
+    assert _adam_state(early_opt) == []
+    assert materialise_adam_state(early_opt) > 0
+    assert materialise_adam_state(early_opt) == 0  # only where there is none
+    for step in range(STEPS):
+        for chunks, opt in ((lazy_chunks, lazy_opt), (early_chunks, early_opt)):
+            _write_grads(chunks, opt, step)
+            optimizer_step(opt, loss_is_finite=True)
+        _assert_bitwise(_params(early_chunks), _params(lazy_chunks), f"step {step} weights")
+        _assert_bitwise(_adam_state(early_opt), _adam_state(lazy_opt), f"step {step} Adam")

@@ -7,6 +7,7 @@ import torch
 
 from megatron_pwdpo.config import ConfigError, load_config
 from megatron_pwdpo.model import ModelConfig, ParallelConfig, transformer_config
+from megatron_pwdpo.platform import CPU, GPU_WITH_TE, GPU_WITHOUT_TE, plan_build
 from megatron_pwdpo.precision import (
     PrecisionConfig,
     check_supported,
@@ -23,7 +24,7 @@ def test_default_is_fp32_and_unchanged():
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "mxfp8"])
-def test_fp8_fields(recipe):
+def test_fp8_fields(recipe, te_answers):
     kwargs = transformer_config_kwargs(PrecisionConfig(dtype="bf16", fp8=recipe))
     assert kwargs["bf16"] and kwargs["params_dtype"] == torch.bfloat16
     assert kwargs["fp8"] == "hybrid" and kwargs["fp8_recipe"] == recipe
@@ -32,26 +33,29 @@ def test_fp8_fields(recipe):
     tc = transformer_config(
         ModelConfig(),
         ParallelConfig(),
-        use_cuda=False,
+        plan=plan_build(load_config(None, [], on=GPU_WITH_TE), GPU_WITH_TE),
         precision=PrecisionConfig(dtype="bf16", fp8=recipe, fp8_format="e4m3"),
     )
     assert (tc.fp8, tc.fp8_recipe, tc.bf16) == ("e4m3", recipe, True)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
         (["precision.fp8=delayed"], "precision.fp8=delayed needs precision.dtype=bf16"),
-        (["precision.dtype=bf16", "precision.fp8=tensorwise"], "needs CUDA"),
-        (["precision.dtype=bf16"], "precision.dtype=bf16 needs CUDA"),
+        (["precision.dtype=bf16", "precision.fp8=tensorwise"], "needs CUDA and Transformer"),
         (["precision.fp8=fp4"], "precision.fp8: 'fp4' is not one of"),
     ],
 )
 def test_refused_on_cpu_with_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_config(None, overrides, on=CPU)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bf16_is_accepted_on_every_platform():
+    for platform in (CPU, GPU_WITHOUT_TE, GPU_WITH_TE):
+        assert load_config(None, ["precision.dtype=bf16"], on=platform).precision.dtype == "bf16"
 
 
 def test_reference_precision_switches_fp8_off_and_back():

@@ -198,6 +198,8 @@ def test_a_copied_checkpoint_has_the_same_digest_a_changed_one_not(tmp_path, ref
         (["loss.logp_reduction=mean"], "stale: its logp_reduction is sum, this run's is mean"),
         (["data.seq_length=128"], "stale: its seq_length is 256"),
         (["model.rotary_base=500000"], "stale: its model is"),
+        # computed in fp32, used by a bf16 run (and the reverse): another reference
+        (["precision.dtype=bf16"], "stale: its reference_precision is fp32, this run's is bf16"),
     ],
 )
 def test_a_stale_cache_is_refused(tmp_path, reference_ckpt, run_overrides, message):

@@ -1,0 +1,160 @@
+"""Run under torchrun by ``test_pretrain_real.py``: for each layout, step 1 of
+``megatron-pwdpo train`` and iteration 1 of Megatron-LM's real ``pretrain()`` (the
+example's ``main()``) for point-wise DPO, ULMA and SFT, from one initial checkpoint.
+
+Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
+most of a run's cost on CPU), on one gloo process group: between runs Megatron's
+parallel state and Megatron-LM's globals are torn down as a fresh process has them. The last
+rank prints one ``RESULT {json}`` line per run: layout, loss, loop, loss value, grad norm;
+with ``--refusals``, rank 0 then prints what the example refuses (``REFUSED {json}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "megatron_lm" / "pretrain_pwdpo.py"
+LAYOUTS = {"single": (1, 1), "dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+LOSSES = ("pointwise_dpo", "ulma", "sft")
+LINE = re.compile(r"megatron-pwdpo \| iteration 1 \| loss (\S+) .*\| grad_norm (\S+)")
+
+
+def _last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def _emit(**result) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
+    """``megatron-pwdpo train`` for one step; rank 0 reads its metrics.jsonl."""
+    from megatron_pwdpo.config import load_config
+    from megatron_pwdpo.train import train
+
+    tp, pp = LAYOUTS[layout]
+    overrides = [
+        f"parallel.tensor_parallel={tp}",
+        f"parallel.pipeline_parallel={pp}",
+        "train.steps=1",
+        f"run_dir={run_dir}",
+    ]
+    config = load_config(yaml, overrides)
+    train(config)
+    if torch.distributed.get_rank() == 0:  # rank 0 writes metrics.jsonl
+        step = next(
+            m
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if m.get("split", "train") == "train" and m.get("step") == 1
+        )
+        _emit(layout=layout, loss=config.loss.name, loop="megatron-pwdpo train",
+              value=step["loss"], grad_norm=step["grad_norm"])  # fmt: skip
+
+
+def _reset_megatron_lm() -> None:
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+    from megatron.training import global_vars
+
+    global_vars.destroy_global_vars()
+    destroy_num_microbatches_calculator()
+    destroy_rerun_state_machine()
+    parallel_state.destroy_model_parallel()
+
+
+def _keep_the_process_group() -> None:
+    """``megatron-pwdpo train`` ends by destroying the process group; here it only tears
+    down Megatron's groups, so that one gloo group serves every run (gloo cannot reliably
+    start a second default group on torchrun's store)."""
+    from megatron.core import parallel_state
+
+    from megatron_pwdpo import distributed
+
+    distributed.shutdown = parallel_state.destroy_model_parallel
+
+
+def run_pretrain(example, yaml: Path, layout: str, init: Path, loss: str) -> None:
+    """The example under Megatron-LM's ``pretrain()`` for one iteration."""
+    tp, pp = LAYOUTS[layout]
+    argv = [
+        "--pwdpo-config", str(yaml),
+        "--tensor-model-parallel-size", str(tp),
+        "--pipeline-model-parallel-size", str(pp),
+        "--load", str(init), "--finetune", "--no-load-optim", "--no-load-rng",
+        "--train-iters", "1", "--eval-iters", "0", "--num-workers", "0",
+    ]  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        example.main(argv)
+    text = out.getvalue()
+    sys.stdout.write(text[-3000:])
+    if _last_rank():
+        found = LINE.search(text)
+        if found is None:
+            raise RuntimeError(f"no iteration-1 line in pretrain()'s log:\n{text[-3000:]}")
+        _emit(layout=layout, loss=loss, loop="pretrain()",
+              value=float(found[1]), grad_norm=float(found[2]))  # fmt: skip
+    _reset_megatron_lm()
+
+
+def refusals(example, work: Path) -> None:
+    """What the example refuses before training, as ``REFUSED {json}`` lines (rank 0)."""
+    pointwise = str(work / "pointwise_dpo.yaml")
+    cases = {
+        "flags": ["--pwdpo-config", pointwise, "--hidden-size", "256",
+                  "--context-parallel-size", "2", "--calculate-per-token-loss"],
+        "missing_checkpoint": ["--pwdpo-config", pointwise, "--load", str(work / "nothing")],
+        "kto": ["--pwdpo-config", str(work / "kto.yaml")],
+    }  # fmt: skip
+    for case, argv in cases.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                example.main(argv)
+                message = None
+            except SystemExit as stop:
+                message = str(stop.code)
+        if torch.distributed.get_rank() == 0:
+            print("REFUSED " + json.dumps({"case": case, "message": message}), flush=True)
+    _reset_megatron_lm()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, required=True, help="the test's folder")
+    parser.add_argument("--layouts", required=True, help="comma-separated, of LAYOUTS")
+    parser.add_argument("--init", type=Path, required=True, help="the initial checkpoint")
+    parser.add_argument("--refusals", action="store_true", help="then the refusals")
+    args = parser.parse_args()
+    if "RANK" not in os.environ:  # one process, started without torchrun
+        from megatron_pwdpo.distributed import _free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    torch.distributed.init_process_group("gloo")
+    _keep_the_process_group()
+    spec = importlib.util.spec_from_file_location("pretrain_pwdpo", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for layout in args.layouts.split(","):
+        for loss in LOSSES:
+            yaml = args.work / f"{loss}.yaml"
+            run_train(yaml, layout, args.work / f"train-{layout}-{loss}")
+            run_pretrain(example, yaml, layout, args.init, loss)
+    if args.refusals:
+        refusals(example, args.work)
+
+
+if __name__ == "__main__":
+    main()
