@@ -8,6 +8,7 @@ under ``srun`` without torchrun the same facts come from ``SLURM_PROCID``,
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ def init_distributed(
     """Start the default process group and Megatron's model-parallel groups.
 
     gloo on CPU (with the CPU bridge installed), NCCL on GPU. Every collective fails
-    after ``timeout_s`` instead of hanging.
+    after ``timeout_s`` instead of hanging: the default group gets it to the second,
+    Megatron's groups (TP, PP, DP, embedding...) rounded up to whole minutes (their
+    ``distributed_timeout_minutes``; left out, they would wait 30 minutes on a dead peer).
     """
     from megatron.core import parallel_state
 
@@ -77,8 +80,14 @@ def init_distributed(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        distributed_timeout_minutes=group_timeout_minutes(timeout_s),
     )
     return world
+
+
+def group_timeout_minutes(timeout_s: int) -> int:
+    """``timeout_s`` as Megatron's ``distributed_timeout_minutes`` (rounded up, >= 1)."""
+    return max(1, math.ceil(timeout_s / 60))
 
 
 def shutdown() -> None:
