@@ -44,11 +44,17 @@ def _free_port() -> int:
 
 
 def init_distributed(
-    *, tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int | None, timeout_s: int
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    virtual_pipeline: int | None,
+    timeout_s: int,
+    cpu: bool = False,
 ) -> WorldInfo:
     """Start the default process group and Megatron's model-parallel groups.
 
-    gloo on CPU (with the CPU bridge installed), NCCL on GPU. Every collective fails
+    gloo on CPU (with the CPU bridge installed), NCCL on GPU; ``cpu=True`` stays on the
+    CPU (gloo) where CUDA is available too (the converters). Every collective fails
     after ``timeout_s`` instead of hanging: the default group gets it to the second,
     Megatron's groups (TP, PP, DP, embedding...) rounded up to whole minutes (their
     ``distributed_timeout_minutes``; left out, they would wait 30 minutes on a dead peer).
@@ -63,7 +69,7 @@ def init_distributed(
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(world.rank), str(world.world_size)
     os.environ["LOCAL_RANK"] = str(world.local_rank)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu:
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:

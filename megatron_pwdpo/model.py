@@ -191,11 +191,16 @@ def build_model(
     vp_stage: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     precision: PrecisionConfig | None = None,
+    use_cuda: bool | None = None,
+    initialize: bool = True,
 ):
     """Build this rank's stage of the model (parallel state must be initialised).
 
     ``precision`` (bf16, FP8) overrides ``params_dtype``; FP8 needs the Transformer
-    Engine layer spec (CUDA).
+    Engine layer spec (CUDA). ``use_cuda=False`` builds on the CPU even where CUDA is
+    available (the converters); ``initialize=False`` leaves the weights uninitialised
+    (``torch.empty``: no time spent, no memory touched) for a caller that overwrites
+    every one of them.
 
     Returns:
         a ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
@@ -206,10 +211,11 @@ def build_model(
     """
     from megatron_pwdpo.logprob_model import LogprobGPTModel
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     config = transformer_config(
         model, parallel, params_dtype=params_dtype, use_cuda=use_cuda, precision=precision
     )
+    config.perform_initialization = initialize
     if config.fp8 and not (use_cuda and _have_te()):
         raise RuntimeError("precision.fp8 needs CUDA and Transformer Engine (the TE layer spec)")
     gpt = LogprobGPTModel(

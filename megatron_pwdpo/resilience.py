@@ -11,9 +11,10 @@
   save still fit, judged from the step and save times measured (:class:`StopRequest`).
 * **Bad steps.** A non-finite loss or gradient norm skips the optimizer update and is
   counted; ``train.max_bad_steps_in_a_row`` of them in a row abort the run.
-* **Fault injection** for tests: ``PWDPO_FAULT="<kind>@<step>[:<rank>]"`` with kind
-  ``raise`` (an exception on that rank), ``exit`` (the process dies), ``nan`` (NaN
-  gradients at that step) or ``kill_in_save`` (SIGKILL in the middle of writing the
+* **Fault injection** for tests: ``PWDPO_FAULT="<kind>@<step>[:<rank>]"`` (several
+  separated by commas) with kind ``raise`` (an exception on that rank), ``exit`` (the
+  process dies), ``stall`` (it hangs, as on a collective whose peer is gone), ``nan``
+  (NaN gradients at that step) or ``kill_in_save`` (SIGKILL in the middle of writing the
   checkpoint of that step). Steps count over the whole run (both stages).
 """
 
@@ -167,19 +168,22 @@ class BadStepCounter:
 
 
 class FaultInjector:
-    """Reads ``PWDPO_FAULT`` (see the module docstring); a no-op when it is unset."""
+    """Reads ``PWDPO_FAULT`` (see the module docstring); a no-op when it is unset.
+
+    Several faults are separated by commas, e.g. ``exit@3:1,stall@3:0``.
+    """
 
     def __init__(self, rank: int, env: dict[str, str] | None = None):
         spec = (os.environ if env is None else env).get("PWDPO_FAULT", "")
-        self.kind, self.step = None, -1
-        if spec:
-            kind, _, where = spec.partition("@")
+        self.faults: set[tuple[str, int]] = set()
+        for one in filter(None, spec.split(",")):
+            kind, _, where = one.strip().partition("@")
             step, _, on_rank = where.partition(":")
             if not on_rank or int(on_rank) == rank:
-                self.kind, self.step = kind, int(step)
+                self.faults.add((kind, int(step)))
 
     def at(self, kind: str, step: int) -> bool:
-        return self.kind == kind and self.step == step
+        return (kind, step) in self.faults
 
     def before_update(self, step: int, chunks: list[torch.nn.Module]) -> None:
         """Raise, die, or poison the gradients, as asked, just before the update."""
@@ -187,6 +191,9 @@ class FaultInjector:
             raise RuntimeError(f"injected fault at step {step}")
         if self.at("exit", step):
             exit_now(13)
+        if self.at("stall", step):
+            while True:  # a rank stuck for good, as in a collective whose peer died
+                time.sleep(60)
         if self.at("nan", step):
             for chunk in chunks:
                 for param in chunk.parameters():
