@@ -13,7 +13,8 @@
   counted; ``train.max_bad_steps_in_a_row`` of them in a row abort the run.
 * **Fault injection** for tests: ``PWDPO_FAULT="<kind>@<step>[:<rank>]"`` (several
   separated by commas) with kind ``raise`` (an exception on that rank), ``exit`` (the
-  process dies), ``stall`` (it hangs, as on a collective whose peer is gone), ``nan``
+  process dies), ``stall`` (it hangs, as on a collective whose peer is gone), ``hold``
+  (it waits for the file ``$PWDPO_FAULT_RELEASE`` to appear), ``nan``
   (NaN gradients at that step) or ``kill_in_save`` (SIGKILL in the middle of writing the
   checkpoint of that step). Steps count over the whole run (both stages).
 """
@@ -26,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -191,6 +193,10 @@ class FaultInjector:
             raise RuntimeError(f"injected fault at step {step}")
         if self.at("exit", step):
             exit_now(13)
+        if self.at("hold", step):
+            release = Path(os.environ["PWDPO_FAULT_RELEASE"])
+            while not release.exists():  # a test does something meanwhile, then releases
+                time.sleep(0.1)
         if self.at("stall", step):
             while True:  # a rank stuck for good, as in a collective whose peer died
                 time.sleep(60)

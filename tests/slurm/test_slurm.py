@@ -171,17 +171,21 @@ def _wait_for_iteration(run_dir: Path, iteration: int, *, timeout: float) -> Non
 def test_usr1_requeues_and_resumes_and_a_second_job_on_the_run_dir_is_refused(
     cluster, uninterrupted, tmp_path
 ):
-    run_dir = tmp_path / "run"
+    run_dir, release = tmp_path / "run", tmp_path / "release"
     start = time.monotonic()
-    job_id = _submit_train(cluster, tmp_path, run_dir)
+    # both ranks wait before the update of iteration 4 until `release` exists
+    hold = {"PWDPO_FAULT": "hold@4", "PWDPO_FAULT_RELEASE": str(release)}
+    job_id = _submit_train(cluster, tmp_path, run_dir, env=hold)
     try:
-        _wait_for_iteration(run_dir, 4, timeout=180)  # 2 SFT steps, then 2 DPO steps
+        _wait_for_iteration(run_dir, 3, timeout=240)  # 2 SFT steps, then 1 DPO step
         # a second job on the same run_dir is refused by its rank 0 (the lock), and
         # srun --kill-on-bad-exit ends its other rank: it fails fast, touching nothing
         other = tmp_path / "other"
         other.mkdir()
         second = _submit_train(cluster, other, run_dir)
-        second_info = cluster.wait(second, timeout=120)
+        second_info = cluster.wait(second, timeout=180)
+        release.touch()
+        _wait_for_iteration(run_dir, 4, timeout=60)
         second_out = _output(other, second)
         assert second_info["JobState"] == "FAILED", second_out[-3000:]
         refusal = [line for line in second_out.splitlines() if "is in use by" in line]
@@ -235,7 +239,8 @@ def test_convert_job_exports_the_trained_model(cluster, uninterrupted, tmp_path)
     out = tmp_path / "hf"
     args = ["mcore-to-hf", "--ckpt", str(uninterrupted[1]), "--out", str(out)]
     start = time.monotonic()
-    job_id = _submit(cluster, "convert.sbatch", tmp_path, [*args, "--timeout-s=120"], ONE_NODE)
+    resources = [*ONE_NODE, "--mem=0"]  # the script asks for 200G (a 70B model)
+    job_id = _submit(cluster, "convert.sbatch", tmp_path, [*args, "--timeout-s=120"], resources)
     info = cluster.wait(job_id, timeout=180)
     print(f"\nslurm: convert job {job_id} {info['JobState']} in {time.monotonic() - start:.1f} s")
     assert info["JobState"] == "COMPLETED", f"{info['ExitCode']}\n{_output(tmp_path, job_id)}"
