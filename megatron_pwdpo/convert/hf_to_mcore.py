@@ -242,6 +242,11 @@ def hf_names_and_dtype(files: list[Path]) -> tuple[set[str], torch.dtype]:
     return names, _SAFETENSORS_DTYPES[dtype]
 
 
+def _check_tied(read: dict[str, torch.Tensor]) -> None:
+    if not torch.equal(read.pop("lm_head.weight"), read["model.embed_tokens.weight"]):
+        raise ConversionError("tie_word_embeddings is set but lm_head.weight differs")
+
+
 def stream_into(
     params: dict[str, torch.Tensor],
     files: list[Path],
@@ -249,12 +254,15 @@ def stream_into(
     *,
     spec: str,
     padded_vocab: int,
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Copy the Hugging Face weights in ``files`` into ``params`` (Megatron names, the
     full model), one file at a time: a file's tensors are read, every Megatron weight
     whose sources are all read is built and copied in, and its sources are dropped. At
     most one file (plus the few tensors of a layer split across two files) is in memory
-    beside ``params``."""
+    beside ``params``. With ``gated``, the SwiGLU ``linear_fc1`` weights are not fused
+    into ``params`` but kept there as their ``(gate, up)`` tensors (see
+    :func:`save_unfused`)."""
     from safetensors import safe_open
 
     todo = dict(recipes(cfg, spec))  # type: ignore[arg-type]
@@ -267,17 +275,19 @@ def stream_into(
     read: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                if not is_ignored_hf(key):
-                    read[key] = f.get_tensor(key)
+            read.update({k: f.get_tensor(k) for k in f.keys() if not is_ignored_hf(k)})  # noqa: SIM118
         if tied_head and "lm_head.weight" in read and "model.embed_tokens.weight" in read:
-            if not torch.equal(read.pop("lm_head.weight"), read["model.embed_tokens.weight"]):
-                raise ConversionError("tie_word_embeddings is set but lm_head.weight differs")
+            _check_tied(read)
             tied_head = False
         for mc, parts in list(todo.items()):
             if all(p in read for p in parts):
                 if mc == "embedding.word_embeddings.weight" and tied_head:
                     continue  # kept until lm_head.weight (if any) is compared with it
+                if gated is not None and len(parts) == 2:
+                    dtype = params[mc].dtype
+                    gated[mc] = tuple(read.pop(p).to(dtype).contiguous() for p in parts)
+                    del todo[mc]
+                    continue
                 tensor = build_mcore_tensor(
                     mc, [read[p] for p in parts], cfg, padded_vocab=padded_vocab
                 )
@@ -289,6 +299,33 @@ def stream_into(
         params[mc].copy_(
             build_mcore_tensor(mc, [read.pop(p) for p in parts], cfg, padded_vocab=padded_vocab)
         )
+
+
+def unfused_state(model, gated: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The model's sharded state dict for torch_dist (``{"model": ...}``) with each SwiGLU
+    ``linear_fc1`` weight given as its two halves, ``gated[name] = (gate, up)``: the
+    same keys and offsets Megatron's SwiGLU factory writes, but over tensors that own
+    their storage. Megatron's factory hands torch_dist two views of the fused weight,
+    which torch_dist copies before writing (a view does not own its storage): all
+    ``linear_fc1`` weights at once, about half of a Llama model. With ``gated`` empty,
+    the factories are left as they are. Also the load target of ``mcore-to-hf``: the
+    halves are then empty tensors that the load fills."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    state = model.sharded_state_dict(prefix="")
+    for name, (gate, up) in gated.items():
+        factory = state[name]
+        if not isinstance(factory, ShardedTensorFactory):
+            raise ConversionError(f"{name}: expected Megatron's SwiGLU factory")
+        halves = factory.build_fn(
+            factory.key, factory.data, factory.replica_id, factory.flattened_range
+        )
+        for half, tensor in zip(halves, (gate, up), strict=True):
+            if half.data.shape != tensor.shape or half.data.dtype != tensor.dtype:
+                raise ConversionError(f"{name}: half {tuple(tensor.shape)} does not fit")
+            half.data = tensor
+        state[name] = halves
+    return {"model": state}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -338,8 +375,11 @@ def hf_to_mcore(
     model = build_model(cfg, ParallelConfig(), params_dtype=dtype, use_cuda=False, initialize=False)
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     padded = padded_vocab_size(cfg.vocab_size, multiple=cfg.vocab_pad_multiple, tensor_parallel=1)
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        stream_into(params, files, cfg, spec=spec_of(list(params)), padded_vocab=padded)
+        stream_into(
+            params, files, cfg, spec=spec_of(list(params)), padded_vocab=padded, gated=gated
+        )
     hf_dtype = str(dtype).removeprefix("torch.")
     del params
     common = {
@@ -348,7 +388,9 @@ def hf_to_mcore(
         "hf_dtype": hf_dtype,
         "source": str(hf_dir.resolve()),
     }
-    path = checkpoint.save_checkpoint([model], out_dir, iteration=0, common=common)
+    path = checkpoint.save_checkpoint(
+        [model], out_dir, iteration=0, common=common, model_state=unfused_state(model, gated)
+    )
     if torch.distributed.get_rank() == 0:
         _write_json(out_dir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg))
         side = out_dir / HF_SIDE_DIR

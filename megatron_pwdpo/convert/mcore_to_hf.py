@@ -36,6 +36,7 @@ from megatron_pwdpo.convert.hf_to_mcore import (
     HF_SIDE_FILES,
     MODEL_CONFIG_FILE,
     read_hf_config,
+    unfused_state,
 )
 from megatron_pwdpo.convert.table import ConversionError, hf_parts_of, recipes, spec_of
 from megatron_pwdpo.model import ModelConfig, ParallelConfig
@@ -210,9 +211,9 @@ def mcore_to_hf(
         max_shard_bytes: the size of one output safetensors file (Hugging Face's 5 GB
             by default); a model that fits in one is written as ``model.safetensors``.
     """
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_pwdpo import checkpoint
     from megatron_pwdpo.model import build_model
 
     if (
@@ -239,14 +240,31 @@ def mcore_to_hf(
     model = build_model(
         cfg, ParallelConfig(), params_dtype=stored, use_cuda=False, initialize=False
     )
-    checkpoint.load_checkpoint([model], iter_dir)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # the SwiGLU halves are loaded into tensors of their own and written from there: no
+    # fused copy (Megatron's factory would load both halves, then concatenate them)
+    gated = {
+        mc: tuple(torch.empty_like(half) for half in own[mc].chunk(2))
+        for mc in own
+        if mc.endswith("mlp.linear_fc1.weight")
+    }
+    state = unfused_state(model, gated)
+    loaded = dist_checkpointing.load(state, str(iter_dir))["model"]
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            if name in own and name not in gated and tensor.data_ptr() != own[name].data_ptr():
+                own[name].copy_(tensor)  # torch_dist loads in place; copy what it did not
     out_dir = Path(out_dir)
     if torch.distributed.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             write_hf_shards(
-                own, cfg, out_dir, dtype=_DTYPES[dtype], max_shard_bytes=max_shard_bytes
+                own,
+                gated=gated,
+                cfg=cfg,
+                out_dir=out_dir,
+                dtype=_DTYPES[dtype],
+                max_shard_bytes=max_shard_bytes,
             )
         config = hf_config_from_model(cfg, base=base, dtype=dtype)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -288,10 +306,12 @@ def write_hf_shards(
     *,
     dtype: torch.dtype,
     max_shard_bytes: int,
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Write the Hugging Face tensors of the full Megatron state ``own`` as safetensors
     files of at most ``max_shard_bytes`` (one tensor bigger than that gets its own):
-    only one shard's tensors are materialised (cast, contiguous) at a time.
+    only one shard's tensors are materialised (cast, contiguous) at a time. ``gated``
+    gives SwiGLU ``linear_fc1`` weights as their ``(gate, up)`` halves instead.
 
     Returns:
         the file names written.
@@ -301,7 +321,10 @@ def write_hf_shards(
     spec = spec_of(list(own))
     views: dict[str, torch.Tensor] = {}
     for mc, parts in recipes(cfg, spec):
-        views.update(hf_parts_of(mc, own[mc], cfg, parts))
+        if gated and mc in gated:  # (gate, up) held apart (see hf_to_mcore.unfused_state)
+            views.update(zip(parts, gated[mc], strict=True))
+        else:
+            views.update(hf_parts_of(mc, own[mc], cfg, parts))
     order = sorted(views, key=_file_order)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
