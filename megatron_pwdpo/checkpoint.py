@@ -164,6 +164,7 @@ def save_checkpoint(
     optimizer=None,
     keep: int | None = None,
     before_commit=None,
+    model_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save (every rank calls this) and return ``root / name``.
 
@@ -176,6 +177,8 @@ def save_checkpoint(
         optimizer: include its state and the RNG states (training checkpoints).
         keep: keep only the newest ``keep`` ``iter_*`` checkpoints.
         before_commit: called after the data is written, before the rename (tests).
+        model_state: the sharded state to write instead of the chunks' (the converter's,
+            see ``convert.hf_to_mcore.unfused_state``); no optimizer then.
     """
     from megatron.core import dist_checkpointing
 
@@ -188,7 +191,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _state(chunks, optimizer, is_loading=False)
+    state = _state(chunks, optimizer, is_loading=False) if model_state is None else model_state
     state["common"] = common
     with usr1_kept_from_helpers():  # Slurm signals the writer's helper processes too
         dist_checkpointing.save(state, str(tmp))

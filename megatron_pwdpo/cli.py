@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError
-    from megatron_pwdpo.resilience import EXIT_PREEMPTED, exit_now
+    from megatron_pwdpo.resilience import (
+        EXIT_PREEMPTED,
+        REQUEUE_FILE_VAR,
+        exit_now,
+        write_requeue_marker,
+    )
     from megatron_pwdpo.train import Preempted
 
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
@@ -155,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-pwdpo: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Preempted as stop:
+        marker = os.environ.get(REQUEUE_FILE_VAR)
+        if marker:
+            # under slurm/common.sh: every rank exits 0 (srun --kill-on-bad-exit would
+            # turn a first 75 into SIGKILL for the others); rank 0 leaves the marker
+            # the batch script reads to requeue the job
+            if rank == "0":
+                write_requeue_marker(marker, str(stop))
+                print(f"megatron-pwdpo: {stop}; requeue asked ({marker})", file=sys.stderr)
+            return 0
         if rank == "0":
             print(
                 f"megatron-pwdpo: {stop}; exit {EXIT_PREEMPTED} (requeue to resume)",

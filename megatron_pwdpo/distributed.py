@@ -8,6 +8,7 @@ under ``srun`` without torchrun the same facts come from ``SLURM_PROCID``,
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -45,12 +46,20 @@ def _free_port() -> int:
 
 
 def init_distributed(
-    *, tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int | None, timeout_s: int
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    virtual_pipeline: int | None,
+    timeout_s: int,
+    cpu: bool = False,
 ) -> WorldInfo:
     """Start the default process group and Megatron's model-parallel groups.
 
-    gloo on CPU (with the CPU bridge installed), NCCL on GPU. Every collective fails
-    after ``timeout_s`` instead of hanging.
+    gloo on CPU (with the CPU bridge installed), NCCL on GPU; ``cpu=True`` stays on the
+    CPU (gloo) where CUDA is available too (the converters). Every collective fails
+    after ``timeout_s`` instead of hanging: the default group gets it to the second,
+    Megatron's groups (TP, PP, DP, embedding...) rounded up to whole minutes (their
+    ``distributed_timeout_minutes``; left out, they would wait 30 minutes on a dead peer).
     """
     from megatron.core import parallel_state
 
@@ -63,7 +72,7 @@ def init_distributed(
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(world.rank), str(world.world_size)
     os.environ["LOCAL_RANK"] = str(world.local_rank)
-    backend = platform.plan_backend(platform.detect())
+    backend = platform.plan_backend(platform.CPU if cpu else platform.detect())
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
     else:
@@ -79,8 +88,14 @@ def init_distributed(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        distributed_timeout_minutes=group_timeout_minutes(timeout_s),
     )
     return world
+
+
+def group_timeout_minutes(timeout_s: int) -> int:
+    """``timeout_s`` as Megatron's ``distributed_timeout_minutes`` (rounded up, >= 1)."""
+    return max(1, math.ceil(timeout_s / 60))
 
 
 def shutdown() -> None:

@@ -201,12 +201,17 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     precision: PrecisionConfig | None = None,
     plan: BuildPlan | None = None,
+    on_cpu: bool = False,
+    initialize: bool = True,
 ):
     """Build this rank's stage of the model (parallel state must be initialised).
 
     ``precision`` (bf16, FP8) overrides ``params_dtype``; ``plan`` is this machine's
-    (:func:`megatron_pwdpo.platform.plan_build`) when None. The parameters are created
-    on the CPU (``use_cpu_initialization``) and moved to this rank's GPU, if any.
+    (:func:`megatron_pwdpo.platform.plan_build`) when None, the CPU platform's with
+    ``on_cpu`` (the converters, on a GPU machine too). The parameters are created on the
+    CPU (``use_cpu_initialization``) and moved to this rank's GPU, if any;
+    ``initialize=False`` leaves them uninitialised (``torch.empty``: no time spent, no
+    memory touched) for a caller that overwrites every one of them.
 
     Returns:
         a ``megatron.core.models.gpt.GPTModel``; its forward with ``labels=`` returns the
@@ -218,10 +223,12 @@ def build_model(
     from megatron_pwdpo.logprob_model import LogprobGPTModel
 
     if plan is None:
-        plan = platform.plan_build(_Sections(model, parallel, precision), platform.detect())
+        on = platform.CPU if on_cpu else platform.detect()
+        plan = platform.plan_build(_Sections(model, parallel, precision), on)
     config = transformer_config(
         model, parallel, params_dtype=params_dtype, precision=precision, plan=plan
     )
+    config.perform_initialization = initialize
     if config.fp8 and plan.layer_spec != "te":
         raise RuntimeError("precision.fp8 needs CUDA and Transformer Engine (the TE layer spec)")
     gpt = LogprobGPTModel(

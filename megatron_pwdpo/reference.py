@@ -24,13 +24,18 @@ reference log-probs are never needed: given the rows of the micro-batches (``row
 a strategy runs only the other rows, re-batched, and returns NaN for the
 demonstrations (``losses.ulma_loss`` ignores them); :func:`skipped_rows` counts them.
 
-Resident and offload references are saved as ``checkpoints/reference`` when a
-preference stage starts, so a resumed stage compares against the same reference.
+A resumed stage compares against the same reference: resident and offload references
+that exist only in this run (the SFT stage's result, a fresh initialisation) are saved
+as ``checkpoints/reference`` when the preference stage starts; one that a checkpoint
+already holds (``reference.checkpoint``, or ``train.init_checkpoint`` without an SFT
+stage) is not copied (141 GB at 70B) but recorded, resolved to its ``iter_N``, in
+``checkpoints/reference.json``, and read from there again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -278,14 +283,20 @@ def build_reference(
         rows = int(table.isfinite().sum())
         info(f"reference: {rows} rows' log-probs from {config.reference.cache_path}")
         return CacheReference(table, **common)
-    source = ckpt_root / "reference" if resumed else config.reference.checkpoint
+    external = None if resumed else external_reference(config)
+    if resumed:
+        source = recorded_reference(ckpt_root)
+    else:
+        source = external
+        if torch.distributed.get_rank() == 0:  # no copy: a resumed run reads it again
+            _record_reference(ckpt_root, external)
     run = {"forward_backward_func": forward_backward_func, "seq_length": d.seq_length, **common}
     info(f"reference: {mode}, from {source or 'the policy'}")
     if mode == "offload":
         ref = OffloadReference(policy, **run)
         if source is not None:
             ref.load(source)
-        if not resumed:
+        if not resumed and external is None:
             with ref.swapped_in():
                 _save(policy, ckpt_root, config)
         return ref
@@ -297,9 +308,56 @@ def build_reference(
     else:
         for chunk, pol in zip(chunks, policy, strict=True):
             chunk.load_state_dict(unwrap(pol).state_dict(), strict=True)
-    if not resumed:
+    if not resumed and external is None:
         _save(chunks, ckpt_root, config)
     return ResidentReference(chunks, **run)
+
+
+REFERENCE_RECORD = "reference.json"
+
+
+def external_reference(config: RunConfig) -> Path | None:
+    """The checkpoint folder (``iter_N``, resolved now) that already holds the main
+    stage's reference, or None when the reference exists only in this run (the SFT
+    stage's result, or a fresh initialisation) and must be saved as
+    ``checkpoints/reference``: ``reference.checkpoint`` if set, else
+    ``train.init_checkpoint`` when no SFT stage comes first."""
+    if config.reference.checkpoint:
+        return checkpoint.resolve_checkpoint(config.reference.checkpoint).resolve()
+    if config.train.init_checkpoint and config.train.sft_steps == 0:
+        return checkpoint.resolve_checkpoint(config.train.init_checkpoint).resolve()
+    return None
+
+
+def _record_reference(ckpt_root: Path, source: Path | None) -> None:
+    """Record ``source`` (None: the reference is this run's copy; drop any record)."""
+    if source is None:
+        (ckpt_root / REFERENCE_RECORD).unlink(missing_ok=True)
+        return
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f"{REFERENCE_RECORD}.tmp"
+    tmp.write_text(json.dumps({"checkpoint": str(source)}) + "\n")
+    tmp.replace(ckpt_root / REFERENCE_RECORD)
+
+
+def recorded_reference(ckpt_root: Path) -> Path:
+    """Where a resumed stage reads its reference: the checkpoint recorded when the stage
+    started (the exact ``iter_N``, even if a ``latest.txt`` there has moved on since),
+    else this run's copy, ``checkpoints/reference``.
+
+    Raises:
+        FileNotFoundError: the recorded checkpoint is gone.
+    """
+    record = ckpt_root / REFERENCE_RECORD
+    if not record.exists():
+        return ckpt_root / "reference"
+    source = Path(json.loads(record.read_text())["checkpoint"])
+    if not (source / "metadata.json").exists():
+        raise FileNotFoundError(
+            f"{record}: the reference this run started with, {source}, is gone; restore it "
+            "to resume (the run compares against it)"
+        )
+    return source
 
 
 def _save(chunks, ckpt_root: Path, config: RunConfig) -> None:

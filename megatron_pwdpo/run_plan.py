@@ -27,6 +27,7 @@ from megatron_pwdpo import checkpoint
 from megatron_pwdpo.batches import Example, pair_up
 from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig
 from megatron_pwdpo.data.prepare import PreparedData
+from megatron_pwdpo.resume_check import check_resume_config
 
 
 @dataclass
@@ -125,6 +126,7 @@ class ResumePoint:
 
     path: Path
     common: dict
+    changes: tuple[str, ...] = ()  # allowed config changes since the checkpoint (to log)
 
     @property
     def iteration(self) -> int:
@@ -142,7 +144,8 @@ def resume_point(config: RunConfig) -> ResumePoint | None:
     """The newest complete checkpoint in ``run_dir/checkpoints``; None for a fresh run.
 
     Raises:
-        ConfigError: there are checkpoints and ``resume=never``.
+        ConfigError: there are checkpoints and ``resume=never``, or ``config`` changes a
+            field the checkpoint's run must keep (:mod:`~megatron_pwdpo.resume_check`).
     """
     root = Path(config.run_dir) / "checkpoints"
     latest = checkpoint.latest_checkpoint(root)
@@ -150,7 +153,9 @@ def resume_point(config: RunConfig) -> ResumePoint | None:
         return None
     if config.resume == "never":
         raise ConfigError(f"{root} holds checkpoints and resume=never: use a new run_dir")
-    return ResumePoint(latest, checkpoint.read_common(latest))
+    common = checkpoint.read_common(latest)
+    changes = check_resume_config(common.get("config"), config, where=str(latest))
+    return ResumePoint(latest, common, tuple(changes))
 
 
 def stages_to_run(

@@ -35,6 +35,7 @@ from megatron_pwdpo.observe import RunLog
 from megatron_pwdpo.precision import reference_precision
 from megatron_pwdpo.reference import Reference, build_reference, skipped_rows
 from megatron_pwdpo.resilience import BadStepCounter, FaultInjector, StopRequest
+from megatron_pwdpo.run_lock import RunDirLock
 from megatron_pwdpo.run_plan import (
     ResumePoint,
     Stage,
@@ -86,7 +87,17 @@ class Runner:
         self.reference_stats: dict[str, int] = {}  # ULMA: reference rows skipped
         self.fb = layout.forward_backward_func()
         self.ckpt_root = Path(config.run_dir) / "checkpoints"
-        self.stop = StopRequest(time_budget_s=config.train.time_budget_s)
+        self.stop = StopRequest(
+            time_budget_s=config.train.time_budget_s,
+            job_end=StopRequest.job_end_from_env(),
+            known_save_s=_read_save_seconds(self.ckpt_root),
+        )
+        if self.stop.deadline is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.stop.deadline))
+            log.info(
+                f"time limit {when}: stops at the last step from which a step and a save "
+                f"fit (save time so far {self.stop.save_s:.1f} s)"
+            )
         self.faults = FaultInjector(torch.distributed.get_rank())
         self.bad_steps = BadStepCounter(config.train.max_bad_steps_in_a_row)
 
@@ -262,6 +273,7 @@ class Runner:
             self.log.record(entry, show=step % t.log_interval == 0, advance=True)
             if step % t.eval_interval == 0 or step == stage.steps:
                 last_eval = self._eval_and_log(stage, step)
+            self.stop.note_step(time.perf_counter() - start)
             stop = self.stop.agreed(distributed.device())
             periodic = t.save_interval > 0 and step % t.save_interval == 0
             if stop or periodic or step == stage.steps:
@@ -286,6 +298,7 @@ class Runner:
             # the optimizer state's format: a resume builds the same optimizer
             "distributed_optimizer": self.policy[0].ddp_config.use_distributed_optimizer,
         }
+        start = time.perf_counter()
         path = checkpoint.save_checkpoint(
             self.policy,
             self.ckpt_root,
@@ -295,7 +308,11 @@ class Runner:
             keep=self.config.train.keep_checkpoints,
             before_commit=partial(self.faults.in_save, iteration),
         )
-        self.log.info(f"saved checkpoint {path}")
+        seconds = time.perf_counter() - start  # ends in a barrier: the slowest rank's time
+        self.stop.note_save(seconds)
+        if torch.distributed.get_rank() == 0:
+            _write_save_seconds(self.ckpt_root, self.stop.save_s)
+        self.log.info(f"saved checkpoint {path} in {seconds:.1f} s")
 
     def save_untrained(self, stage: Stage) -> None:
         """A run of zero steps saves its starting policy as iteration 0 (e.g. to turn
@@ -343,6 +360,22 @@ class Runner:
         )
 
 
+SAVE_SECONDS_FILE = "save_seconds.txt"  # the longest save so far, kept over requeues
+
+
+def _read_save_seconds(ckpt_root: Path) -> float:
+    try:
+        return float((ckpt_root / SAVE_SECONDS_FILE).read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _write_save_seconds(ckpt_root: Path, seconds: float) -> None:
+    tmp = ckpt_root / f"{SAVE_SECONDS_FILE}.tmp"
+    tmp.write_text(f"{seconds:.3f}\n")
+    tmp.replace(ckpt_root / SAVE_SECONDS_FILE)
+
+
 def _start(config: RunConfig, data: PreparedData, resume: ResumePoint | None) -> Runner:
     """Process groups, seed, run directory (config.yaml; metrics.jsonl trimmed to the
     resume point) and log, then a runner whose policy holds the starting weights: the
@@ -375,6 +408,8 @@ def _start(config: RunConfig, data: PreparedData, resume: ResumePoint | None) ->
     # Engine says so here rather than running slower unseen)
     log.info(f"platform {platform.detect().name}: {build_plan(config).describe()}")
     log.info(data.summary())
+    if resume is not None and resume.changes:
+        log.info(f"resuming with config changes: {'; '.join(resume.changes)}")
     runner = Runner(config, data, layout, log)
     if resume is not None:
         checkpoint.load_checkpoint(runner.policy, resume.path)
@@ -395,10 +430,22 @@ def train(config: RunConfig) -> dict[str, float]:
         ConfigError: the run cannot start as configured.
         Preempted: a checkpoint was saved on a signal or the time budget.
     """
-    validate(config, world_size=distributed.world_from_env().world_size)
+    world = distributed.world_from_env()
+    validate(config, world_size=world.world_size)
     RunLog.check_logging(config)  # a requested TensorBoard / W&B package is installed
     if config.train.init_checkpoint:
         check_init_checkpoint(config)
+    # one run per run_dir, held by rank 0 until it exits (run_lock.py); a refused rank 0
+    # exits 2 and srun --kill-on-bad-exit / torchrun stop the other ranks
+    lock = RunDirLock(config.run_dir).acquire() if world.rank == 0 else None
+    try:
+        return _train(config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: RunConfig) -> dict[str, float]:
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
     stages = plan_stages(config, data)
     resume = resume_point(config)

@@ -159,6 +159,10 @@ def build_optimizer(chunks: list[torch.nn.Module], t, *, lr: float, steps: int):
         end_wd=t.weight_decay,
         wd_incr_steps=steps + 1,
         wd_incr_style="constant",
+        # a resumed stage keeps the saved position (num_steps) but takes lr, warm-up,
+        # length and weight decay from the config (resume_check allows changing them)
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     scheduler.step(increment=1)
     return optimizer, scheduler

@@ -16,6 +16,19 @@ export MASTER_ADDR MASTER_PORT
 # torchrun's variables win over Slurm's in megatron_pwdpo.distributed: never inherit them.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
 
+# --- The job's end, in epoch seconds: the run stops at the last step boundary from
+# which a step and a checkpoint still fit before it (from the step and save times it
+# measured; see megatron_pwdpo/resilience.py). Slurm >= 23.02 sets SLURM_JOB_END_TIME;
+# older ones are asked with squeue (empty for a job without a time limit).
+if [ -z "${PWDPO_JOB_END_TIME:-}" ]; then
+  if [ -n "${SLURM_JOB_END_TIME:-}" ]; then
+    PWDPO_JOB_END_TIME=$SLURM_JOB_END_TIME
+  else
+    PWDPO_JOB_END_TIME=$(date -d "$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)" +%s 2>/dev/null || true)
+  fi
+fi
+export PWDPO_JOB_END_TIME
+
 # --- Communication: NCCL over NVLink within a node, InfiniBand/RoCE across nodes -------
 export CUDA_DEVICE_MAX_CONNECTIONS=1       # Megatron: TP/SP collectives stay ordered with compute
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1   # a failed or timed-out collective ends the process
@@ -45,9 +58,10 @@ fi
 
 # --- Stop signals. Before the time limit Slurm sends USR1 to this shell only
 # (#SBATCH --signal=B:USR1@SECS): it goes on to srun, which forwards it to every task; the
-# tasks save a checkpoint at the next step boundary and exit 75. scancel and preemption
-# send TERM to every process of the job themselves; it is only noted here (never passed
-# to srun, which answers TERM by killing the step).
+# tasks save a checkpoint at the next step boundary, rank 0 writes $PWDPO_REQUEUE_FILE
+# and every task exits 0. scancel and preemption send TERM to every process of the job
+# themselves; it is only noted here (never passed to srun, which answers TERM by killing
+# the step).
 PWDPO_STOP=""
 PWDPO_TRAPPED=0
 PWDPO_STEP_PID=""
@@ -67,18 +81,26 @@ trap 'pwdpo_on_signal TERM' TERM
 # finish does not loop forever.
 PWDPO_MAX_REQUEUES=${PWDPO_MAX_REQUEUES:-50}
 
+# How a run asks for a requeue: rank 0 creates this file after its checkpoint and every
+# rank exits 0 (an exit code cannot carry it: with --kill-on-bad-exit the first rank to
+# exit 75 would get the others killed). In the job's working directory (shared by the
+# nodes), one per job id, so a requeued job never reads its own earlier request.
+export PWDPO_REQUEUE_FILE=${PWDPO_REQUEUE_FILE:-$PWD/.pwdpo-requeue-$SLURM_JOB_ID}
+
 # pwdpo_launch ARGS...: `srun` one task per allocated task slot running
-# `$PWDPO_PYTHON -m megatron_pwdpo.cli ARGS`; returns its exit code. Exit code 75 (the run
-# saved a checkpoint and asks to be run again) requeues the job, unless the stop came from
-# scancel/preemption (TERM): Slurm itself requeues a preempted --requeue job.
+# `$PWDPO_PYTHON -m megatron_pwdpo.cli ARGS`; returns its exit code. When the run left
+# $PWDPO_REQUEUE_FILE (it saved a checkpoint and asks to be run again) the job is
+# requeued, unless the stop came from scancel/preemption (TERM): Slurm itself requeues a
+# preempted --requeue job.
 pwdpo_launch() {
   echo "pwdpo: $(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on" \
        "$SLURM_JOB_NODELIST: $SLURM_NTASKS tasks, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
-  # No --kill-on-bad-exit: with it, the first rank to exit 75 gets the others killed and
-  # srun reports 143 instead of 75. A rank that fails makes the others fail at their next
-  # collective (within the config's timeout_s).
-  srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${PWDPO_SRUN_CONTAINER[@]}" \
-       "$PWDPO_PYTHON" -m megatron_pwdpo.cli "$@" &
+  rm -f "$PWDPO_REQUEUE_FILE"
+  # --kill-on-bad-exit=1: the first task to exit non-zero (an exception, a lost GPU, a
+  # refused run_dir lock) gets the whole step killed at once, instead of the others
+  # waiting for their next collective to time out while the allocation idles.
+  srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+       "${PWDPO_SRUN_CONTAINER[@]}" "$PWDPO_PYTHON" -m megatron_pwdpo.cli "$@" &
   PWDPO_STEP_PID=$!
   local status last=""
   while :; do   # `wait` returns early (128+n) when a trapped signal arrives: wait again
@@ -90,13 +112,15 @@ pwdpo_launch() {
     break
   done
   PWDPO_STEP_PID=""
-  if [ "$status" = 75 ] && [ "$PWDPO_STOP" != TERM ]; then
+  if [ "$status" = 0 ] && [ -f "$PWDPO_REQUEUE_FILE" ] && [ "$PWDPO_STOP" != TERM ]; then
+    rm -f "$PWDPO_REQUEUE_FILE"
     if [ "${SLURM_RESTART_COUNT:-0}" -lt "$PWDPO_MAX_REQUEUES" ]; then
-      echo "pwdpo: $(date +%T) the run saved a checkpoint and exited 75: requeueing" >&2
+      echo "pwdpo: $(date +%T) the run saved a checkpoint and asked for a requeue: requeueing" >&2
       scontrol requeue "$SLURM_JOB_ID"
     else
-      echo "pwdpo: exited 75 but already requeued $PWDPO_MAX_REQUEUES times: not again" >&2
+      echo "pwdpo: a requeue was asked but the job was requeued $PWDPO_MAX_REQUEUES times: not again" >&2
     fi
   fi
+  rm -f "$PWDPO_REQUEUE_FILE"
   return "$status"
 }

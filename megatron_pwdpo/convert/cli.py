@@ -15,11 +15,16 @@ from megatron_pwdpo.convert.table import ConversionError
 
 
 def _in_world(timeout_s: int, fn: Callable[[], object]) -> int:
-    """Run ``fn`` with Megatron's state initialised at TP=1, PP=1."""
+    """Run ``fn`` with Megatron's state initialised at TP=1, PP=1, on the CPU (gloo) even
+    where a GPU is visible: the converters hold the model in host memory."""
     from megatron_pwdpo import cpu_bridge, distributed
 
     distributed.init_distributed(
-        tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=timeout_s
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        virtual_pipeline=None,
+        timeout_s=timeout_s,
+        cpu=True,
     )
     try:
         cpu_bridge.manual_seed(0)

@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from megatron_pwdpo.convert.table import ConversionError, hf_to_mcore_state, spec_of
+from megatron_pwdpo.convert.table import (
+    ConversionError,
+    build_mcore_tensor,
+    check_hf_names,
+    is_ignored_hf,
+    recipes,
+    spec_of,
+)
 from megatron_pwdpo.model import ModelConfig, ParallelConfig, padded_vocab_size
 
 log = logging.getLogger(__name__)
@@ -182,29 +189,143 @@ def model_overrides(cfg: ModelConfig) -> list[str]:
     return [f"model.{k}={text(v)}" for k, v in dataclasses.asdict(cfg).items()]
 
 
-def load_hf_state(hf_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards its index names."""
-    from safetensors import safe_open
-
+def hf_weight_files(hf_dir: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (``model.safetensors`` or the
+    shards its index names), refusing pickled ``*.bin`` weights."""
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif any(hf_dir.glob("*.bin")):
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [hf_dir / name for name in names]
+    if (hf_dir / "model.safetensors").exists():
+        return [hf_dir / "model.safetensors"]
+    if any(hf_dir.glob("*.bin")):
         raise ConversionError(
             f"{hf_dir} has only pickled *.bin weights; they are not loaded (unpickling can run "
             "code). Re-save the model as safetensors (transformers' save_pretrained) on a "
             "machine where loading it is trusted."
         )
-    else:
-        raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf_state(hf_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index names (the whole
+    model in memory: for tests and small models; the converter streams instead)."""
+    from safetensors import safe_open
+
     state = {}
-    for name in files:
-        with safe_open(hf_dir / name, framework="pt") as f:
+    for path in hf_weight_files(hf_dir):
+        with safe_open(path, framework="pt") as f:
             state.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
     return state
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def hf_names_and_dtype(files: list[Path]) -> tuple[set[str], torch.dtype]:
+    """Every tensor name in ``files`` and the embedding's dtype, from the headers only."""
+    from safetensors import safe_open
+
+    names, dtype = set(), None
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            names |= keys
+            if "model.embed_tokens.weight" in keys:
+                dtype = f.get_slice("model.embed_tokens.weight").get_dtype()
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ConversionError(
+            f"model.embed_tokens.weight: dtype {dtype} is not one of "
+            f"{', '.join(_SAFETENSORS_DTYPES)} (or the tensor is missing)"
+        )
+    return names, _SAFETENSORS_DTYPES[dtype]
+
+
+def _check_tied(read: dict[str, torch.Tensor]) -> None:
+    if not torch.equal(read.pop("lm_head.weight"), read["model.embed_tokens.weight"]):
+        raise ConversionError("tie_word_embeddings is set but lm_head.weight differs")
+
+
+def stream_into(
+    params: dict[str, torch.Tensor],
+    files: list[Path],
+    cfg: ModelConfig,
+    *,
+    spec: str,
+    padded_vocab: int,
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Copy the Hugging Face weights in ``files`` into ``params`` (Megatron names, the
+    full model), one file at a time: a file's tensors are read, every Megatron weight
+    whose sources are all read is built and copied in, and its sources are dropped. At
+    most one file (plus the few tensors of a layer split across two files) is in memory
+    beside ``params``. With ``gated``, the SwiGLU ``linear_fc1`` weights are not fused
+    into ``params`` but kept there as their ``(gate, up)`` tensors (see
+    :func:`save_unfused`)."""
+    from safetensors import safe_open
+
+    todo = dict(recipes(cfg, spec))  # type: ignore[arg-type]
+    if set(todo) != set(params):
+        raise ConversionError(
+            f"state dict mismatch: the model has {sorted(set(params) - set(todo))[:4]} that "
+            f"nothing fills, and not {sorted(set(todo) - set(params))[:4]}"
+        )
+    tied_head = not cfg.untie_embeddings
+    read: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            read.update({k: f.get_tensor(k) for k in f.keys() if not is_ignored_hf(k)})  # noqa: SIM118
+        if tied_head and "lm_head.weight" in read and "model.embed_tokens.weight" in read:
+            _check_tied(read)
+            tied_head = False
+        for mc, parts in list(todo.items()):
+            if all(p in read for p in parts):
+                if mc == "embedding.word_embeddings.weight" and tied_head:
+                    continue  # kept until lm_head.weight (if any) is compared with it
+                if gated is not None and len(parts) == 2:
+                    dtype = params[mc].dtype
+                    gated[mc] = tuple(read.pop(p).to(dtype).contiguous() for p in parts)
+                    del todo[mc]
+                    continue
+                tensor = build_mcore_tensor(
+                    mc, [read[p] for p in parts], cfg, padded_vocab=padded_vocab
+                )
+                params[mc].copy_(tensor)
+                del tensor, todo[mc]
+                for part in parts:
+                    del read[part]
+    for mc, parts in list(todo.items()):  # tied embeddings without an lm_head.weight
+        params[mc].copy_(
+            build_mcore_tensor(mc, [read.pop(p) for p in parts], cfg, padded_vocab=padded_vocab)
+        )
+
+
+def unfused_state(model, gated: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The model's sharded state dict for torch_dist (``{"model": ...}``) with each SwiGLU
+    ``linear_fc1`` weight given as its two halves, ``gated[name] = (gate, up)``: the
+    same keys and offsets Megatron's SwiGLU factory writes, but over tensors that own
+    their storage. Megatron's factory hands torch_dist two views of the fused weight,
+    which torch_dist copies before writing (a view does not own its storage): all
+    ``linear_fc1`` weights at once, about half of a Llama model. With ``gated`` empty,
+    the factories are left as they are. Also the load target of ``mcore-to-hf``: the
+    halves are then empty tensors that the load fills."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    state = model.sharded_state_dict(prefix="")
+    for name, (gate, up) in gated.items():
+        factory = state[name]
+        if not isinstance(factory, ShardedTensorFactory):
+            raise ConversionError(f"{name}: expected Megatron's SwiGLU factory")
+        halves = factory.build_fn(
+            factory.key, factory.data, factory.replica_id, factory.flattened_range
+        )
+        for half, tensor in zip(halves, (gate, up), strict=True):
+            if half.data.shape != tensor.shape or half.data.dtype != tensor.dtype:
+                raise ConversionError(f"{name}: half {tuple(tensor.shape)} does not fit")
+            half.data = tensor
+        state[name] = halves
+    return {"model": state}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -246,23 +367,30 @@ def hf_to_mcore(
     hf_config = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf_config)
     check_layout(cfg, parallel or ParallelConfig())
-    hf_state = load_hf_state(hf_dir)
-    model = build_model(cfg, ParallelConfig())
-    own = model.state_dict()
+    files = hf_weight_files(hf_dir)
+    names, dtype = hf_names_and_dtype(files)
+    check_hf_names(names, cfg)
+    # the full model on the CPU in the checkpoint's dtype, left uninitialised: every
+    # weight is overwritten from the files, one file at a time
+    model = build_model(cfg, ParallelConfig(), params_dtype=dtype, on_cpu=True, initialize=False)
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     padded = padded_vocab_size(cfg.vocab_size, multiple=cfg.vocab_pad_multiple, tensor_parallel=1)
-    state = hf_to_mcore_state(hf_state, cfg, spec=spec_of(list(own)), padded_vocab=padded)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or any(not k.endswith("_extra_state") for k in result.missing_keys):
-        raise ConversionError(f"state dict mismatch: {result}")
-    hf_dtype = str(hf_state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    del hf_state, state
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        stream_into(
+            params, files, cfg, spec=spec_of(list(params)), padded_vocab=padded, gated=gated
+        )
+    hf_dtype = str(dtype).removeprefix("torch.")
+    del params
     common = {
         "model_config": dataclasses.asdict(cfg),
         "hf_config": hf_config,
         "hf_dtype": hf_dtype,
         "source": str(hf_dir.resolve()),
     }
-    path = checkpoint.save_checkpoint([model], out_dir, iteration=0, common=common)
+    path = checkpoint.save_checkpoint(
+        [model], out_dir, iteration=0, common=common, model_state=unfused_state(model, gated)
+    )
     if torch.distributed.get_rank() == 0:
         _write_json(out_dir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg))
         side = out_dir / HF_SIDE_DIR

@@ -10,7 +10,11 @@ folder of the converted checkpoint the run started from (an ``init_checkpoint`` 
 its config). Without any, ``config.json`` is written from the ModelConfig alone (Llama,
 or Qwen2 when the model has q/k/v biases) and no tokenizer is copied.
 
-Output: ``config.json``, ``model.safetensors`` (one file), tokenizer files.
+Output: ``config.json``, ``model.safetensors`` (or, above one shard's size, 5 GB by
+default, ``model-0000K-of-0000N.safetensors`` and ``model.safetensors.index.json``, as
+``save_pretrained`` writes them), tokenizer files. The model is loaded on the CPU in the
+dtype the checkpoint stores and written one shard at a time: peak host memory is the
+model once plus one shard.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from megatron_pwdpo.convert.hf_to_mcore import (
     HF_SIDE_FILES,
     MODEL_CONFIG_FILE,
     read_hf_config,
+    unfused_state,
 )
-from megatron_pwdpo.convert.table import ConversionError, mcore_to_hf_state, spec_of
+from megatron_pwdpo.convert.table import ConversionError, hf_parts_of, recipes, spec_of
 from megatron_pwdpo.model import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -191,6 +196,7 @@ def mcore_to_hf(
     *,
     hf_like: str | None = None,
     dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Convert a checkpoint to a Hugging Face folder; every rank of the world calls this.
 
@@ -202,11 +208,12 @@ def mcore_to_hf(
         hf_like: a Hugging Face folder to take ``config.json`` and tokenizer files from.
         dtype: ``float32``, ``bfloat16`` or ``float16``; default: the source's dtype
             recorded by ``hf-to-mcore``, else the base config's, else float32.
+        max_shard_bytes: the size of one output safetensors file (Hugging Face's 5 GB
+            by default); a model that fits in one is written as ``model.safetensors``.
     """
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
-    from megatron_pwdpo import checkpoint
     from megatron_pwdpo.model import build_model
 
     if (
@@ -227,15 +234,36 @@ def mcore_to_hf(
     )
     if dtype not in _DTYPES:
         raise ConversionError(f"dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
-    model = build_model(cfg, ParallelConfig())
-    checkpoint.load_checkpoint([model], iter_dir)
-    own = model.state_dict()
-    state = mcore_to_hf_state(own, cfg, spec=spec_of(list(own)))
-    state = {k: v.to(device="cpu", dtype=_DTYPES[dtype]) for k, v in state.items()}
+    # the full model on the CPU in the dtype the checkpoint stores, uninitialised (the
+    # load overwrites every weight); each output shard is cast and written in turn
+    stored = stored_dtype(iter_dir)
+    model = build_model(cfg, ParallelConfig(), params_dtype=stored, on_cpu=True, initialize=False)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # the SwiGLU halves are loaded into tensors of their own and written from there: no
+    # fused copy (Megatron's factory would load both halves, then concatenate them)
+    gated = {
+        mc: tuple(torch.empty_like(half) for half in own[mc].chunk(2))
+        for mc in own
+        if mc.endswith("mlp.linear_fc1.weight")
+    }
+    state = unfused_state(model, gated)
+    loaded = dist_checkpointing.load(state, str(iter_dir))["model"]
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            if name in own and name not in gated and tensor.data_ptr() != own[name].data_ptr():
+                own[name].copy_(tensor)  # torch_dist loads in place; copy what it did not
     out_dir = Path(out_dir)
     if torch.distributed.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        with torch.no_grad():
+            write_hf_shards(
+                own,
+                gated=gated,
+                cfg=cfg,
+                out_dir=out_dir,
+                dtype=_DTYPES[dtype],
+                max_shard_bytes=max_shard_bytes,
+            )
         config = hf_config_from_model(cfg, base=base, dtype=dtype)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = []
@@ -248,6 +276,83 @@ def mcore_to_hf(
     torch.distributed.barrier()
     log.info(f"converted {iter_dir} -> {out_dir} ({config_name(cfg, base)}, {dtype})")
     return out_dir
+
+
+def stored_dtype(iter_dir: Path) -> torch.dtype:
+    """The dtype of the model weights in a torch_dist checkpoint (from its metadata)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(iter_dir))
+    for key in ("embedding.word_embeddings.weight", "model.embedding.word_embeddings.weight"):
+        found = meta.get(key) if isinstance(meta, dict) else None
+        if found is not None:
+            return found.dtype
+    return torch.float32
+
+
+def _file_order(name: str) -> tuple[int, str]:
+    """Embedding, layers 0, 1, ..., final norm and head (the order HF shards follow)."""
+    if name.startswith("model.layers."):
+        return 1 + int(name.split(".")[2]), name
+    return (0 if name == "model.embed_tokens.weight" else 10**9), name
+
+
+def write_hf_shards(
+    own: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    gated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> list[str]:
+    """Write the Hugging Face tensors of the full Megatron state ``own`` as safetensors
+    files of at most ``max_shard_bytes`` (one tensor bigger than that gets its own):
+    only one shard's tensors are materialised (cast, contiguous) at a time. ``gated``
+    gives SwiGLU ``linear_fc1`` weights as their ``(gate, up)`` halves instead.
+
+    Returns:
+        the file names written.
+    """
+    from safetensors.torch import save_file
+
+    spec = spec_of(list(own))
+    views: dict[str, torch.Tensor] = {}
+    for mc, parts in recipes(cfg, spec):
+        if gated and mc in gated:  # (gate, up) held apart (see hf_to_mcore.unfused_state)
+            views.update(zip(parts, gated[mc], strict=True))
+        else:
+            views.update(hf_parts_of(mc, own[mc], cfg, parts))
+    order = sorted(views, key=_file_order)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in order:
+        nbytes = views[name].numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    total = sum(views[n].numel() for n in order) * itemsize
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    weight_map = {}
+    for file, names in zip(files, shards, strict=True):
+        tensors = {
+            n: views[n].to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+            for n in names
+        }
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, file))
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
 
 
 def config_name(cfg: ModelConfig, base: dict[str, Any] | None) -> str:

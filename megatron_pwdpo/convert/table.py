@@ -188,6 +188,57 @@ def _check_names(have: set[str], want: set[str], what: str) -> None:
         )
 
 
+def recipes(cfg: ModelConfig, spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
+    """``(mcore name, its Hugging Face sources)`` for every Megatron-Core weight: one
+    source is a rename, three a q/k/v interleave, two a gate/up fusion. Streaming
+    converters build each weight as soon as its sources have been read."""
+    return [(mc, (hf,)) for hf, mc in renames(cfg, spec)] + _fused(cfg)
+
+
+def build_mcore_tensor(
+    mc: str, parts: list[torch.Tensor], cfg: ModelConfig, *, padded_vocab: int
+) -> torch.Tensor:
+    """The Megatron-Core weight ``mc`` from its Hugging Face ``parts`` (see
+    :func:`recipes`): renamed, interleaved or fused, and vocabulary-padded."""
+    if len(parts) == 3:
+        return interleave_qkv(*parts, num_groups=num_groups(cfg), head_dim=head_dim(cfg))
+    if len(parts) == 2:
+        return fuse_gated(*parts)
+    return pad_vocab(parts[0], padded_vocab) if mc in VOCAB_PADDED else parts[0]
+
+
+def hf_parts_of(
+    mc: str, tensor: torch.Tensor, cfg: ModelConfig, parts: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`build_mcore_tensor`: the Hugging Face tensors of one Megatron
+    weight (views; the padded vocabulary rows dropped)."""
+    if len(parts) == 3:
+        split = split_qkv(
+            tensor,
+            num_heads=cfg.num_attention_heads,
+            num_groups=num_groups(cfg),
+            head_dim=head_dim(cfg),
+        )
+        return dict(zip(parts, split, strict=True))
+    if len(parts) == 2:
+        return dict(zip(parts, split_gated(tensor), strict=True))
+    return {parts[0]: tensor[: cfg.vocab_size] if mc in VOCAB_PADDED else tensor}
+
+
+def is_ignored_hf(name: str) -> bool:
+    """Hugging Face entries that are buffers, not weights (``rotary_emb.inv_freq``)."""
+    return bool(_IGNORED_HF.fullmatch(name))
+
+
+def check_hf_names(names: set[str], cfg: ModelConfig) -> None:
+    """Raise :class:`ConversionError` unless ``names`` (ignored buffers and a tied
+    ``lm_head.weight`` aside) are exactly this model's Hugging Face tensors."""
+    have = {n for n in names if not is_ignored_hf(n)}
+    if not cfg.untie_embeddings:
+        have.discard("lm_head.weight")
+    _check_names(have, hf_names(cfg), "the Hugging Face checkpoint")
+
+
 def hf_to_mcore_state(
     hf: Mapping[str, torch.Tensor], cfg: ModelConfig, *, spec: Spec, padded_vocab: int
 ) -> dict[str, torch.Tensor]:

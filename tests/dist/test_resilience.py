@@ -85,6 +85,32 @@ def test_resume_at_another_tensor_parallel_size_continues_the_curve(
     _assert_same_curve(uninterrupted, tmp_path, rtol=2e-5)  # TP=2 = TP=1 to rounding
 
 
+def test_a_reference_in_the_initial_checkpoint_is_read_not_copied_also_on_resume(
+    uninterrupted, tmp_path
+):
+    import json
+    import shutil
+
+    init = tmp_path / "init"
+    shutil.copytree(uninterrupted / "checkpoints", init)  # iterations 3, 5 and 6 kept
+    dpo = [*ARGS, "train.sft_steps=0", f"train.init_checkpoint={init}"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    run_cli([*dpo, f"run_dir={full}"])
+    proc = run_cli([*dpo, f"run_dir={crashed}"], check=False, env={"PWDPO_FAULT": "exit@3"})
+    assert proc.returncode != 0
+    for run in (full, crashed):  # no 141 GB copy at 70B: a record of where it is
+        assert not (run / "checkpoints" / "reference").exists()
+        record = json.loads((run / "checkpoints" / "reference.json").read_text())
+        assert record == {"checkpoint": str((init / "iter_0000006").resolve())}
+    # the initial checkpoint's latest.txt moves on; the resumed run keeps its reference
+    (init / "latest.txt").write_text("5\n")
+    run_cli([*dpo, f"run_dir={crashed}"])
+    a, b = _by_iteration(full), _by_iteration(crashed)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for it in a:  # the loss depends on the reference through the implicit reward
+        np.testing.assert_allclose(b[it]["loss"], a[it]["loss"], rtol=1e-6, err_msg=str(it))
+
+
 def test_completed_run_resumes_to_nothing(uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     proc = run_cli([*ARGS, f"run_dir={uninterrupted}"])

@@ -2,8 +2,10 @@
 
 The tiny CPU model on 2 tasks (gloo, ranks from ``SLURM_PROCID``/``SLURM_NTASKS``):
 the job trains and checkpoints; then the same job is sent USR1 the way
-``#SBATCH --signal=B:USR1@SECS`` sends it before a time limit, saves, exits 75, requeues
-itself and resumes, and ends with the uninterrupted run's per-step losses. The convert job
+``#SBATCH --signal=B:USR1@SECS`` sends it before a time limit, saves, asks for a requeue,
+requeues itself and resumes, and ends with the uninterrupted run's per-step losses,
+while a second job submitted on its run_dir is refused. A job whose rank dies ends
+within a minute. The convert job
 exports the trained model, and the precompute-ref job on 2 tasks writes the cache that one
 process writes.
 
@@ -36,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 30  # DPO steps after 2 SFT steps: iterations 1..32
 ARGS = [*TINY, "train.sft_steps=2", f"train.steps={STEPS}", "timeout_s=120"]
 # The scripts' #SBATCH lines ask for nodes of 8 GPUs; the test node has 4 CPUs and no GPU.
-ONE_NODE = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+# --exclusive=user: jobs of this user share the node (the scripts ask for --exclusive)
+ONE_NODE = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--exclusive=user"]
 TWO_TASKS = [*ONE_NODE, "--ntasks-per-node=2"]
 
 
@@ -59,7 +62,12 @@ def cluster():
 
 
 def _submit(
-    cluster: SlurmCluster, script: str, workdir: Path, args: list[str], resources: list[str]
+    cluster: SlurmCluster,
+    script: str,
+    workdir: Path,
+    args: list[str],
+    resources: list[str],
+    env: dict[str, str] | None = None,
 ) -> int:
     """``sbatch RESOURCES slurm/SCRIPT ARGS``, the job running in ``workdir``."""
     env = {
@@ -67,6 +75,8 @@ def _submit(
         "PWDPO_HOME": str(REPO),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": "1",
+        "PWDPO_FAULT": "",
+        **(env or {}),
     }
     return cluster.sbatch(
         [
@@ -80,10 +90,17 @@ def _submit(
     )
 
 
-def _submit_train(cluster: SlurmCluster, workdir: Path, run_dir: Path) -> int:
+def _submit_train(
+    cluster: SlurmCluster, workdir: Path, run_dir: Path, *extra: str, env=None
+) -> int:
     config = str(REPO / "examples" / "tiny_cpu.yaml")
     return _submit(
-        cluster, "train.sbatch", workdir, [config, *ARGS, f"run_dir={run_dir}"], TWO_TASKS
+        cluster,
+        "train.sbatch",
+        workdir,
+        [config, *ARGS, f"run_dir={run_dir}", *extra],
+        TWO_TASKS,
+        env=env,
     )
 
 
@@ -131,6 +148,12 @@ def test_train_job_trains_and_checkpoints(cluster, uninterrupted):
     # two Slurm tasks formed one gloo world through MASTER_ADDR/MASTER_PORT from the script
     assert "world 2: tp 1 pp 1 dp 2; backend gloo" in out
     assert f"rendezvous {info['NodeList']}:{20000 + job_id % 10000}" in out
+    # the job's end (4 h after its start, from squeue) reached the run as its time limit
+    limit = re.search(r"time limit (\S+ \S+): stops", out)
+    assert limit, out[-3000:]
+    end = time.mktime(time.strptime(limit.group(1), "%Y-%m-%d %H:%M:%S"))
+    assert abs(end - (time.time() + 4 * 3600)) < 600, limit.group(0)
+    assert "in use by" not in out and not (run_dir / ".pwdpo.lock").read_text()
     assert sorted(_train_losses(run_dir)) == list(range(1, STEPS + 3))
     _check_finished(run_dir)
 
@@ -145,13 +168,30 @@ def _wait_for_iteration(run_dir: Path, iteration: int, *, timeout: float) -> Non
     raise TimeoutError(f"iteration {iteration} not reached in {timeout} s")
 
 
-def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
+def test_usr1_requeues_and_resumes_and_a_second_job_on_the_run_dir_is_refused(
+    cluster, uninterrupted, tmp_path
+):
+    run_dir, release = tmp_path / "run", tmp_path / "release"
     start = time.monotonic()
-    job_id = _submit_train(cluster, tmp_path, run_dir)
+    # both ranks wait before the update of iteration 4 until `release` exists
+    hold = {"PWDPO_FAULT": "hold@4", "PWDPO_FAULT_RELEASE": str(release)}
+    job_id = _submit_train(cluster, tmp_path, run_dir, env=hold)
     try:
-        _wait_for_iteration(run_dir, 4, timeout=180)  # 2 SFT steps, then 2 DPO steps
-        # what `#SBATCH --signal=B:USR1@300` does 300 s before the time limit
+        _wait_for_iteration(run_dir, 3, timeout=240)  # 2 SFT steps, then 1 DPO step
+        # a second job on the same run_dir is refused by its rank 0 (the lock), and
+        # srun --kill-on-bad-exit ends its other rank: it fails fast, touching nothing
+        other = tmp_path / "other"
+        other.mkdir()
+        second = _submit_train(cluster, other, run_dir)
+        second_info = cluster.wait(second, timeout=180)
+        release.touch()
+        _wait_for_iteration(run_dir, 4, timeout=60)
+        second_out = _output(other, second)
+        assert second_info["JobState"] == "FAILED", second_out[-3000:]
+        refusal = [line for line in second_out.splitlines() if "is in use by" in line]
+        assert refusal and f"Slurm job {job_id}," in refusal[0], second_out[-3000:]
+        assert "host " in refusal[0] and "pid " in refusal[0]
+        # what `#SBATCH --signal=B:USR1@900` does 900 s before the time limit
         cluster.run(["scancel", "--batch", "--signal=USR1", str(job_id)])
         info = cluster.wait(job_id, timeout=240)
     finally:
@@ -160,7 +200,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted, tmp_path)
     context = f"{info['JobState']} {info['ExitCode']}\n{out[-6000:]}\n{cluster.log_tail()}"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", context
     assert info["Restarts"] == "1", context
-    assert "got SIGUSR1" in out and "exited 75: requeueing" in out, context
+    assert "got SIGUSR1" in out and "asked for a requeue: requeueing" in out, context
+    assert not list(tmp_path.glob(".pwdpo-requeue-*")), context
     assert "restart 1" in out and "resumed 'pointwise_dpo' at step" in out, context
     # the first run stopped early and saved there; the requeued one finished the run ...
     saved = [int(n) for n in re.findall(r"saved checkpoint \S*/iter_(\d+)", out)]
@@ -175,11 +216,31 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted, tmp_path)
     )
 
 
+def test_a_rank_that_fails_ends_the_job_within_a_minute(cluster, tmp_path):
+    # rank 1 dies at step 3 while rank 0 hangs there for good (as on a collective whose
+    # peer is gone, under NCCL); timeout_s is 10 minutes: only srun --kill-on-bad-exit
+    # can end the job sooner
+    run_dir = tmp_path / "run"
+    job_id = _submit_train(
+        cluster, tmp_path, run_dir, "timeout_s=600", env={"PWDPO_FAULT": "exit@3:1,stall@3:0"}
+    )
+    _wait_for_iteration(run_dir, 2, timeout=180)
+    failed_at = time.monotonic()
+    info = cluster.wait(job_id, timeout=120)
+    took = time.monotonic() - failed_at
+    out = _output(tmp_path, job_id)
+    print(f"\nslurm: job {job_id} {info['JobState']} {took:.1f} s after iteration 2")
+    assert info["JobState"] == "FAILED" and took < 60, f"{took:.0f} s\n{out[-4000:]}"
+    assert info["Restarts"] == "0" and "requeueing" not in out
+    assert int((run_dir / "checkpoints" / "latest.txt").read_text()) == 2  # end of SFT
+
+
 def test_convert_job_exports_the_trained_model(cluster, uninterrupted, tmp_path):
     out = tmp_path / "hf"
     args = ["mcore-to-hf", "--ckpt", str(uninterrupted[1]), "--out", str(out)]
     start = time.monotonic()
-    job_id = _submit(cluster, "convert.sbatch", tmp_path, [*args, "--timeout-s=120"], ONE_NODE)
+    resources = [*ONE_NODE, "--mem=0"]  # the script asks for 200G (a 70B model)
+    job_id = _submit(cluster, "convert.sbatch", tmp_path, [*args, "--timeout-s=120"], resources)
     info = cluster.wait(job_id, timeout=180)
     print(f"\nslurm: convert job {job_id} {info['JobState']} in {time.monotonic() - start:.1f} s")
     assert info["JobState"] == "COMPLETED", f"{info['ExitCode']}\n{_output(tmp_path, job_id)}"

@@ -264,3 +264,84 @@ def test_checkpoint_paths_resolve_from_root_run_dir_or_iteration(tmp_path):
     assert resolve_checkpoint(root / "iter_0000003") == want
     with pytest.raises(ConversionError, match="not a checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------ streaming, file by file
+
+
+def _save_in_files(hf: dict, folder, groups: list[list[str]]) -> list:
+    from safetensors.torch import save_file
+
+    files = []
+    for k, names in enumerate(groups):
+        path = folder / f"model-{k}.safetensors"
+        save_file({n: hf[n].contiguous() for n in names}, str(path))
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_streaming_file_by_file_builds_the_whole_state_dict(arch, tmp_path):
+    from megatron_pwdpo.convert.hf_to_mcore import stream_into
+
+    cfg = model_config_from_hf(CONFIGS[arch])
+    hf = {k: v.to(torch.bfloat16) for k, v in _random_hf_state(cfg).items()}
+    names = sorted(hf, reverse=True)  # final norm, head ... layer 0, embedding: worst order
+    if not cfg.untie_embeddings:  # a tied model saved with its lm_head, in the first file
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()
+        names.insert(0, "lm_head.weight")
+    # q in one file, k and v in the next: a layer split across files
+    groups = [names[i : i + 3] for i in range(0, len(names), 3)]
+    files = _save_in_files(hf, tmp_path, groups)
+    whole = hf_to_mcore_state(hf, cfg, spec="te", padded_vocab=320)
+    params = {k: torch.full_like(v, float("nan")) for k, v in whole.items()}
+    stream_into(params, files, cfg, spec="te", padded_vocab=320)
+    for name, tensor in whole.items():
+        assert params[name].dtype == torch.bfloat16  # the checkpoint's dtype, no fp32 copy
+        assert torch.equal(params[name], tensor), name
+
+
+def test_streaming_refuses_a_differing_tied_head_and_a_model_it_cannot_fill(tmp_path):
+    from megatron_pwdpo.convert.hf_to_mcore import stream_into
+
+    cfg = model_config_from_hf(QWEN2)  # tied
+    hf = {**_random_hf_state(cfg), "lm_head.weight": torch.zeros(300, 64)}
+    files = _save_in_files(hf, tmp_path, [sorted(hf)])
+    whole = hf_to_mcore_state(
+        {k: v for k, v in hf.items() if k != "lm_head.weight"}, cfg, spec="local", padded_vocab=320
+    )
+    params = {k: torch.empty_like(v) for k, v in whole.items()}
+    with pytest.raises(ConversionError, match="lm_head.weight differs"):
+        stream_into(params, files, cfg, spec="local", padded_vocab=320)
+    with pytest.raises(ConversionError, match="nothing fills"):
+        stream_into(
+            {**params, "extra.weight": torch.ones(1)}, files, cfg, spec="local", padded_vocab=320
+        )
+
+
+def test_hf_shards_are_written_one_at_a_time_with_an_index(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from megatron_pwdpo.convert.mcore_to_hf import write_hf_shards
+
+    cfg = model_config_from_hf(LLAMA)
+    hf = _random_hf_state(cfg)
+    mc = hf_to_mcore_state(hf, cfg, spec="local", padded_vocab=320)
+    total = sum(v.numel() for v in hf.values()) * 2
+    files = write_hf_shards(mc, cfg, tmp_path, dtype=torch.bfloat16, max_shard_bytes=total // 4)
+    assert len(files) >= 4 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    assert set(index["weight_map"]) == set(hf) and set(index["weight_map"].values()) == set(files)
+    back = {}
+    for file in files:
+        back |= load_file(str(tmp_path / file))
+    assert all(torch.equal(back[k], v.to(torch.bfloat16)) for k, v in hf.items())
+    # a model that fits in one shard is one model.safetensors, as before
+    one = tmp_path / "one"
+    one.mkdir()
+    assert write_hf_shards(mc, cfg, one, dtype=torch.float32, max_shard_bytes=2**40) == [
+        "model.safetensors"
+    ]
