@@ -24,12 +24,38 @@ from megatron_pwdpo.config import ConfigError, load_config
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+# The commands that take a run config: their --help lists its sections and keys.
+CONFIG_COMMANDS = ("train", "eval", "precompute-ref", "experiment")
+
+
+# Third-party warnings a CPU (or any) run emits that say nothing about the run, each
+# filtered by category AND module AND message, never by a blanket ignore:
+# (category, module regex, message regex).
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (UserWarning, r"megatron\.core(\..*)?", r"Transformer Engine and Apex are not installed"),
+    (UserWarning, r"megatron\.core(\..*)?", r"Apex is not installed"),
+    (UserWarning, r"megatron\.core\.transformer\.transformer_config", r"full scope is deprecated"),
+    (DeprecationWarning, r"megatron\.core(\..*)?", r"The following imports from"),
+    (DeprecationWarning, r"torch\.jit\._script", r"`torch\.jit\.script_method` is deprecated"),
+)
+
+
+def quiet_known_warnings() -> bool:
+    """Ignore `KNOWN_WARNINGS`, unless the user chose warning filters (``-W`` or
+    ``PYTHONWARNINGS``, both in ``sys.warnoptions``): theirs then win, untouched.
+
+    Returns:
+        Whether the filters were installed.
+    """
+    if sys.warnoptions:
+        return False
+    for category, module, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    return True
 
 
 def _quiet_third_party() -> None:
-    """Megatron warns at import that TE/apex are absent; on CPU that is expected."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    """Megatron's logger at WARNING, ours at INFO as plain lines."""
     logging.getLogger("megatron").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -99,10 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pwdpo.config_reference import register as register_config_reference
 
     register_config_reference(sub)
+    from megatron_pwdpo.config_help import help_epilog
+    from megatron_pwdpo.config_help import register as register_config_command
+
+    register_config_command(sub)
+    epilog = help_epilog()
+    for name in CONFIG_COMMANDS:
+        command = sub.choices[name]
+        command.epilog = epilog
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # before build_parser, whose imports may warn
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError

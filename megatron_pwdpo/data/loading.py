@@ -78,16 +78,20 @@ def detect_source(path: str | os.PathLike[str], *, split: str | None = None) -> 
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
     chosen = obj.get("chosen")
+    source = None
     if "transcript" in obj:
-        return "red-team"
-    if "question" in obj and "prediction 1" in obj:
-        return "qa-feedback"
-    if "response" in obj and "label" in obj:
-        return "pointwise"
-    if "prompt" not in obj and isinstance(chosen, str) and ASSISTANT_TAG in chosen:
-        return "hh-rlhf"
-    if trl_format(obj) is not None:
-        return "trl"
+        source = "red-team"
+    elif "question" in obj and "prediction 1" in obj:
+        source = "qa-feedback"
+    elif "response" in obj and "label" in obj:
+        source = "pointwise"
+    elif "prompt" not in obj and isinstance(chosen, str) and ASSISTANT_TAG in chosen:
+        source = "hh-rlhf"
+    elif trl_format(obj) is not None:
+        source = "trl"
+    if source is not None:
+        logger.info("%s: data.source=auto detected %s (from the first record)", path, source)
+        return source
     msg = (
         f"cannot tell the data format from the first record (fields {sorted(obj)}): set "
         f"data.source (--source) to one of {[s for s in SOURCES if s != 'auto']}"
@@ -123,7 +127,6 @@ def load_source_rows(
     """
     if source == "auto":
         source = detect_source(path, split=split)
-        logger.info("%s: data.source detected as %s", path, source)
         if source == "preprocessed":
             raise DataError("a preprocessed prefix: set data.source=preprocessed", path=path)
     if source == "pointwise":
