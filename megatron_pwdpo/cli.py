@@ -19,7 +19,14 @@ import traceback
 import warnings
 from pathlib import Path
 
-from megatron_pwdpo.config import ConfigError, load_config
+from megatron_pwdpo import lifetime
+
+if lifetime.importing_in_spawned_child():
+    # A spawn-context child (e.g. torch_dist's writer Manager) imports this module as its
+    # parent's main module, before anything else: it dies with its parent from here on.
+    lifetime.install_in_spawned_child()
+
+from megatron_pwdpo.config import ConfigError, load_config  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()  # before build_parser, whose imports may warn
+    lifetime.install_in_trainer()  # helper processes die with this one
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank dies with its agent
+        lifetime.die_with_parent(os.getppid())
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError
