@@ -16,15 +16,17 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 from megatron_pwdpo import lifetime
+from megatron_pwdpo.known_warnings import quiet_known_warnings
 
 if lifetime.importing_in_spawned_child():
     # A spawn-context child (e.g. torch_dist's writer Manager) imports this module as its
-    # parent's main module, before anything else: it dies with its parent from here on.
+    # parent's main module, before anything else: it dies with its parent from here on,
+    # and its imports (Megatron's below) stay as quiet as the parent's.
     lifetime.install_in_spawned_child()
+    quiet_known_warnings()
 
 from megatron_pwdpo.config import ConfigError, load_config  # noqa: E402
 
@@ -33,32 +35,6 @@ EXIT_FAILURE = 1
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 # The commands that take a run config: their --help lists its sections and keys.
 CONFIG_COMMANDS = ("train", "eval", "precompute-ref", "experiment")
-
-
-# Third-party warnings a CPU (or any) run emits that say nothing about the run, each
-# filtered by category AND module AND message, never by a blanket ignore:
-# (category, module regex, message regex).
-KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (UserWarning, r"megatron\.core(\..*)?", r"Transformer Engine and Apex are not installed"),
-    (UserWarning, r"megatron\.core(\..*)?", r"Apex is not installed"),
-    (UserWarning, r"megatron\.core\.transformer\.transformer_config", r"full scope is deprecated"),
-    (DeprecationWarning, r"megatron\.core(\..*)?", r"The following imports from"),
-    (DeprecationWarning, r"torch\.jit\._script", r"`torch\.jit\.script_method` is deprecated"),
-)
-
-
-def quiet_known_warnings() -> bool:
-    """Ignore `KNOWN_WARNINGS`, unless the user chose warning filters (``-W`` or
-    ``PYTHONWARNINGS``, both in ``sys.warnoptions``): theirs then win, untouched.
-
-    Returns:
-        Whether the filters were installed.
-    """
-    if sys.warnoptions:
-        return False
-    for category, module, message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    return True
 
 
 def _quiet_third_party() -> None:
