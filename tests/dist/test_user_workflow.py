@@ -128,14 +128,18 @@ def test_hf_folder_to_trained_export_on_a_trl_file(tmp_path):
     torch.testing.assert_close(exported, megatron_logits, atol=1e-4, rtol=0)
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "is the sky blue?"}], add_generation_prompt=True
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "is the sky blue?"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
-    inputs = torch.tensor([prompt])
+    assert text == "<|user|>is the sky blue?\n<|assistant|>"  # the template came along
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        ids = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=4)
-    assert ids.shape[1] == inputs.shape[1] + 4
-    assert isinstance(tokenizer.decode(ids[0, inputs.shape[1] :]), str)
+        ids = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert ids.shape[1] == prompt_len + 4
+    assert isinstance(tokenizer.decode(ids[0, prompt_len:]), str)
 
 
 def _export_and_forward(mc: Path, run: Path, out: Path, folder: Path) -> None:
