@@ -7,6 +7,7 @@ Descendants are found by session: the trainer starts its own session here, which
 process it starts joins (none of them calls ``setsid``), and which survives reparenting.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, read_metrics
 
 from megatron_pwdpo.checkpoint import latest_checkpoint
 
@@ -38,8 +39,29 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def _write_trl_pairs(path: Path, n: int = 40) -> Path:
+    """TRL's paired format with an implicit prompt (``chosen``/``rejected`` only)."""
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = f"Question {i}: what colour is the sky?"
+            record = {"chosen": f"{prompt} Blue, mostly.", "rejected": f"{prompt} Green."}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 def _train(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    args = [*TINY, "train.sft_steps=0", "train.save_interval=1", f"run_dir={run_dir}", *extra]
+    """``megatron-pwdpo train`` with DPO on a TRL paired file (format detected), saving
+    every step, in a session of its own."""
+    data = _write_trl_pairs(run_dir / "pairs.jsonl")
+    args = [
+        *TINY,
+        f"data.path={data}",
+        "loss.name=dpo",
+        "train.sft_steps=0",
+        "train.save_interval=1",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
     return subprocess.Popen(
         [sys.executable, "-m", "megatron_pwdpo.cli", "train", *args],
         start_new_session=True,
@@ -52,7 +74,8 @@ def _train(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> sub
 def test_sigkill_mid_save_leaves_no_descendant_and_no_complete_checkpoint(tmp_path):
     """SIGKILL while the checkpoint of step 2 is written (after step 1's save started the
     writer's helpers): within 5 s no process of the trainer is left, and resuming would
-    start from step 1's checkpoint, not from the half-committed one."""
+    start from step 1's checkpoint, not from the half-committed one. (The run trains DPO
+    on a TRL paired file as it is: steps 1 and 2 complete before the kill.)"""
     root = tmp_path / "checkpoints"
     proc = _train(tmp_path, "train.steps=3", env={"PWDPO_FAULT": "kill_in_save@2"})
     try:
@@ -65,5 +88,6 @@ def test_sigkill_mid_save_leaves_no_descendant_and_no_complete_checkpoint(tmp_pa
     finally:
         for pid in session_members(proc.pid):
             os.kill(pid, signal.SIGKILL)
+    assert [m["step"] for m in read_metrics(tmp_path) if m.get("split") != "eval"] == [1, 2]
     assert (root / "iter_0000002.tmp").is_dir()  # written, never committed
     assert latest_checkpoint(root) == root / "iter_0000001"
