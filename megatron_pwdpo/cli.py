@@ -123,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()  # before build_parser, whose imports may warn
     lifetime.install_in_trainer()  # helper processes die with this one
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank dies with its agent
-        lifetime.die_with_parent(os.getppid())
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError
