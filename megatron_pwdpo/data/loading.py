@@ -24,7 +24,8 @@ Detection (``auto``) looks at the first record's fields, in this order: ``transc
 -> ``red-team``; ``question`` and ``prediction 1`` -> ``qa-feedback``; ``response`` and
 ``label`` -> ``pointwise``; ``completion`` and ``label`` -> ``trl`` (unpaired); ``chosen``
 and ``rejected`` without ``prompt``, as text holding ``"\n\nAssistant:"`` -> ``hh-rlhf``;
-``chosen`` and ``rejected`` otherwise -> ``trl`` (paired). Golden HH has HH-RLHF's schema,
+``chosen`` and ``rejected`` otherwise -> ``trl`` (paired); ``prompt`` and ``completion``
+-> ``trl`` (SFT data, demonstrations). Golden HH has HH-RLHF's schema,
 so it needs ``data.source=golden-hh``; a preprocessed prefix (``PREFIX.bin`` exists) is
 ``preprocessed``. An explicit source always wins.
 

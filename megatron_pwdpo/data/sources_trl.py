@@ -8,6 +8,7 @@ paired, explicit  ``{"prompt", "chosen", "rejected"}``
 paired, implicit  ``{"chosen", "rejected"}``, each holding the prompt and its answer
 unpaired          ``{"prompt", "completion", "label"}``, ``label`` a bool or a number
                   in [0, 1] (``response`` is accepted in place of ``completion``)
+prompt-completion ``{"prompt", "completion"}`` (SFT data): demonstrations, label 1
 ================= ====================================================================
 
 The form is fixed by the first record; every record must then have its fields, and a
@@ -29,7 +30,9 @@ problem stops the run with ``file:row: field 'name': ...`` on one line. Files ar
 * **Ids.** A record's own ``id`` (string or integer) when present, else
   ``trl-{index:06d}`` with the record's 0-based position in the file; pairs become
   ``{id}-c`` (label 1) and ``{id}-r`` (label 0), which ``dpo``/``ipo`` pair up again.
-* **Kind.** A record's own ``kind`` (``demo``/``feedback``) when present; else, with
+* **Kind.** Prompt-completion records (SFT data) are demonstrations with label 1, what
+  ``loss.name=sft`` and the SFT stage train on. Otherwise a record's own ``kind``
+  (``demo``/``feedback``) when present; else, with
   ``data.demo_chosen`` (the default), a label-1 row (a chosen answer, or ``label: true``)
   is a demonstration, which ULMA trains with its SFT term; ``data.demo_chosen=false``
   makes every row ``feedback``.
@@ -57,16 +60,19 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "paired": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
+    "prompt-completion": ("prompt", "completion"),
 }
 
 
 def trl_format(obj: dict[str, Any]) -> str | None:
-    """``"unpaired"``, ``"paired"``, ``"implicit"`` or None: which TRL preference form a
-    record's fields are in."""
+    """``"unpaired"``, ``"paired"``, ``"implicit"``, ``"prompt-completion"`` or None:
+    which TRL form a record's fields are in."""
     if "label" in obj and ("completion" in obj or "response" in obj):
         return "unpaired"
     if "chosen" in obj and "rejected" in obj:
         return "paired" if "prompt" in obj else "implicit"
+    if "prompt" in obj and "completion" in obj:
+        return "prompt-completion"
     return None
 
 
@@ -209,6 +215,12 @@ def _rows_of_record(
     obj: dict[str, Any], form: str, index: int, *, demo_chosen: bool, path: str, line: int
 ) -> Iterator[PointwiseRow]:
     row_id = _record_id(obj, index, path=path, line=line)
+    if form == "prompt-completion":
+        prompt = _prompt(obj, form, path=path, line=line)
+        value = _require(obj, "completion", form, path=path, line=line)
+        response = _answer(value, "completion", path=path, line=line)
+        yield PointwiseRow(row_id, prompt, response, 1.0, "demo")
+        return
     if form == "unpaired":
         prompt = _prompt(obj, form, path=path, line=line)
         name = "completion" if "completion" in obj or "response" not in obj else "response"
@@ -260,8 +272,8 @@ def trl_rows(
             form = trl_format(obj)
             if form is None:
                 msg = (
-                    f"not a TRL preference record (fields {sorted(obj)}; expected prompt, "
-                    "completion, label or [prompt,] chosen, rejected)"
+                    f"not a TRL record (fields {sorted(obj)}; expected prompt, completion[, "
+                    "label] or [prompt,] chosen, rejected)"
                 )
                 raise DataError(msg, path=path, line=line)
         rows.extend(

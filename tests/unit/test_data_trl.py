@@ -81,6 +81,15 @@ def test_unpaired_text_ids_kinds_and_labels(tmp_path):
     assert [(r.id, r.kind) for r in rows] == [("7", "feedback"), ("x", "feedback")]
 
 
+def test_prompt_completion_rows_are_demonstrations(tmp_path):
+    sft = [{"prompt": USER, "completion": _msg("Blue.")}, {"prompt": "Sky:", "completion": " blue"}]
+    rows = load_source_rows(write(tmp_path / "sft.jsonl", sft), source="auto")
+    assert rows == [
+        PointwiseRow("trl-000000", USER, "Blue.", 1.0, "demo"),
+        PointwiseRow("trl-000001", "Sky:", "blue", 1.0, "demo"),
+    ]
+
+
 def test_paired_explicit_and_implicit_give_the_same_rows(tmp_path):
     explicit = trl_rows(write(tmp_path / "p.json", PAIRED))
     implicit = trl_rows(write(tmp_path / "i.jsonl.gz", IMPLICIT))
@@ -239,6 +248,12 @@ BAD = {
         {"chosen": _msg("a"), "rejected": _msg("b")},
         "ci.jsonl",
         "field 'chosen': shares no first message",
+    ),
+    "sft completion": (
+        {"prompt": "p", "completion": "c"},
+        {"prompt": "p", "answer": "c"},
+        "sft.jsonl",
+        "field 'completion': missing",
     ),
     "mixed": (
         CONV_IMPLICIT[0],
