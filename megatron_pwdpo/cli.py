@@ -16,20 +16,29 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
-from megatron_pwdpo.config import ConfigError, load_config
+from megatron_pwdpo import lifetime
+from megatron_pwdpo.known_warnings import quiet_known_warnings
+
+if lifetime.importing_in_spawned_child():
+    # A spawn-context child (e.g. torch_dist's writer Manager) imports this module as its
+    # parent's main module, before anything else: it dies with its parent from here on,
+    # and its imports (Megatron's below) stay as quiet as the parent's.
+    lifetime.install_in_spawned_child()
+    quiet_known_warnings()
+
+from megatron_pwdpo.config import ConfigError, load_config  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+# The commands that take a run config: their --help lists its sections and keys.
+CONFIG_COMMANDS = ("train", "eval", "precompute-ref", "experiment")
 
 
 def _quiet_third_party() -> None:
-    """Megatron warns at import that TE/apex are absent; on CPU that is expected."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    """Megatron's logger at WARNING, ours at INFO as plain lines."""
     logging.getLogger("megatron").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -137,10 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pwdpo.config_reference import register as register_config_reference
 
     register_config_reference(sub)
+    from megatron_pwdpo.config_help import help_epilog
+    from megatron_pwdpo.config_help import register as register_config_command
+
+    register_config_command(sub)
+    epilog = help_epilog()
+    for name in CONFIG_COMMANDS:
+        command = sub.choices[name]
+        command.epilog = epilog
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # before build_parser, whose imports may warn
+    lifetime.install_in_trainer()  # helper processes die with this one
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError

@@ -36,13 +36,19 @@ class DataConfig:
     """Where rows come from and how they are tokenised.
 
     Attributes:
-        source: ``hh-rlhf`` (Anthropic transcripts, converted on the fly), ``golden-hh``
+        source: ``auto`` (detected from the first record's fields; see
+            ``megatron_pwdpo.data.loading``), ``trl`` (Hugging Face TRL's preference
+            formats, text or conversational: prompt/completion/label with a bool or [0, 1]
+            label, prompt/chosen/rejected, or chosen/rejected with an implicit prompt),
+            ``hh-rlhf`` (Anthropic transcripts, converted on the fly), ``golden-hh``
             (same schema, chosen rows are demonstrations), ``red-team`` (red-team attempts,
             continuous labels), ``qa-feedback`` (FineGrainedRLHF), ``pointwise`` (canonical
-            rows: id, prompt, response, label, kind), ``pairwise`` (generic pairs:
-            prompt, chosen, rejected, optional id) or ``preprocessed`` (the output prefix
-            of ``megatron-pwdpo preprocess``). Pairs become two rows, ``<id>-c`` (label 1)
-            and ``<id>-r`` (label 0), which ``dpo``/``ipo`` pair up again.
+            rows: prompt, response, label, optional id and kind), ``pairwise`` (generic
+            pairs: prompt, chosen, rejected, optional id) or ``preprocessed`` (the output
+            prefix of ``megatron-pwdpo preprocess``). Pairs become two rows, ``<id>-c``
+            (label 1) and ``<id>-r`` (label 0), which ``dpo``/``ipo`` pair up again. Rows
+            without an id get ``trl-{index:06d}`` (``row-{index:06d}`` for ``pointwise``)
+            from their 0-based position in the file.
         path: the data: a jsonl(.gz)/JSON/parquet file, a ``datasets`` folder, a Hub
             dataset ``hf:OWNER/NAME``, or the preprocessed prefix.
         split: the split of a ``datasets`` folder that holds several; ``None`` = its only
@@ -52,8 +58,9 @@ class DataConfig:
             point-wise setting; a fair coin per pair drawn from ``unpaired_seed``).
         unpaired_seed: seed of ``hh_mode=unpaired``'s pick (0 by default; another seed
             keeps the other response of about half the pairs).
-        demo_chosen: for ``hh-rlhf`` and ``pairwise``: chosen rows are demonstrations
-            (``kind=demo``).
+        demo_chosen: for ``hh-rlhf``, ``pairwise`` and ``trl``: chosen rows, and rows
+            labelled 1 (``true``) that carry no ``kind`` of their own (``trl``,
+            ``pointwise``), are demonstrations (``kind=demo``, trained by ULMA's SFT term).
         qa_mode: for ``qa-feedback``: ``win_rate`` (each prediction one row labelled with
             its win rate) or ``pairs`` (each non-tied comparison a chosen/rejected pair,
             what ``dpo``/``ipo`` need); both keep gold and corrected answers as
@@ -84,8 +91,16 @@ class DataConfig:
     """
 
     source: Literal[
-        "hh-rlhf", "pointwise", "golden-hh", "red-team", "qa-feedback", "pairwise", "preprocessed"
-    ] = "hh-rlhf"
+        "auto",
+        "trl",
+        "hh-rlhf",
+        "pointwise",
+        "golden-hh",
+        "red-team",
+        "qa-feedback",
+        "pairwise",
+        "preprocessed",
+    ] = "auto"
     path: str = "data/hh_rlhf_harmless_base_test.jsonl.gz"
     split: str | None = None
     hh_mode: Literal["paired", "unpaired"] = "paired"

@@ -151,6 +151,26 @@ class _WandbWriter:
         self._run.finish()
 
 
+def final_summary(
+    *,
+    stages: list[tuple[str, int]],
+    wall_s: float,
+    held_out: dict[str, Any],
+    checkpoint: Path | None,
+    metrics: Path,
+) -> str:
+    """The lines a run ends with: steps per stage, wall time, the last held-out metrics,
+    and where the checkpoint and the metrics are."""
+    steps = ", ".join(f"{name} {n}" for name, n in stages)
+    total = sum(n for _, n in stages)
+    lines = [f"done: {total} steps ({steps}) in {wall_s:.1f} s"]
+    if held_out:
+        lines.append("held-out: " + " | ".join(f"{k} {_fmt(v)}" for k, v in held_out.items()))
+    lines.append(f"checkpoint: {checkpoint if checkpoint is not None else '(none)'}")
+    lines.append(f"metrics: {metrics}")
+    return "\n".join(lines)
+
+
 class RunLog:
     """Rank-0 writer of ``<run_dir>/metrics.jsonl`` and the console.
 

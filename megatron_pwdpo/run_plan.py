@@ -97,7 +97,7 @@ def plan_stages(config: RunConfig, data: PreparedData) -> list[Stage]:
 def _demo_hint(config: RunConfig) -> str:
     """Where the data config itself could supply demonstrations, the key that does."""
     d = config.data
-    if d.source in ("hh-rlhf", "pairwise") and not d.demo_chosen:
+    if d.source in ("auto", "trl", "hh-rlhf", "pairwise") and not d.demo_chosen:
         return ", or data.demo_chosen=true (chosen responses become demonstrations)"
     if d.source == "pointwise":
         return ", or mark demonstrations with kind=demo in the rows"

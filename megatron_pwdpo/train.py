@@ -31,7 +31,7 @@ from megatron_pwdpo.config import LossConfig, RunConfig, dump_yaml
 from megatron_pwdpo.data.prepare import PreparedData, prepare_data
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.kto import kto_reference_point
-from megatron_pwdpo.observe import RunLog
+from megatron_pwdpo.observe import RunLog, final_summary
 from megatron_pwdpo.precision import reference_precision
 from megatron_pwdpo.reference import Reference, build_reference, skipped_rows
 from megatron_pwdpo.resilience import BadStepCounter, FaultInjector, StopRequest
@@ -430,6 +430,7 @@ def train(config: RunConfig) -> dict[str, float]:
         ConfigError: the run cannot start as configured.
         Preempted: a checkpoint was saved on a signal or the time budget.
     """
+    started = time.perf_counter()
     world = distributed.world_from_env()
     validate(config, world_size=world.world_size)
     RunLog.check_logging(config)  # a requested TensorBoard / W&B package is installed
@@ -462,6 +463,14 @@ def _train(config: RunConfig) -> dict[str, float]:
         runner.log.info(f"{run_dir}: already complete at iteration {resume.iteration}")
     if sum(s.steps for s in stages) == 0 and resume is None:  # e.g. an initial checkpoint
         runner.save_untrained(stages[-1])
+    summary = final_summary(
+        stages=[(s.name, s.steps) for s in stages],
+        wall_s=time.perf_counter() - started,
+        held_out=final,
+        checkpoint=checkpoint.latest_checkpoint(runner.ckpt_root),
+        metrics=Path(config.run_dir) / "metrics.jsonl",
+    )
+    runner.log.info(summary)
     runner.log.close()
     distributed.shutdown()
     return final

@@ -1,9 +1,10 @@
-"""Point-wise data: canonical rows, source converters, tokenizers, tokenisation, collation,
-packing, preprocessed (memory-mapped) rows and the resumable sampler."""
+"""Point-wise data: canonical rows, source converters (TRL's formats among them) and their
+detection, tokenizers, tokenisation, collation, packing, preprocessed (memory-mapped) rows
+and the resumable sampler."""
 
 from megatron_pwdpo.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from megatron_pwdpo.data.indexed import load_preprocessed, read_indexed, write_indexed
-from megatron_pwdpo.data.loading import QA_MODES, SOURCES, load_source_rows
+from megatron_pwdpo.data.loading import QA_MODES, SOURCES, detect_source, load_source_rows
 from megatron_pwdpo.data.packing import pack_ffd, pack_rows
 from megatron_pwdpo.data.readers import read_pairwise, read_pointwise
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
@@ -32,6 +33,7 @@ from megatron_pwdpo.data.sources_qa import (
     qa_feedback_rows,
 )
 from megatron_pwdpo.data.sources_redteam import red_team_rows
+from megatron_pwdpo.data.sources_trl import trl_rows
 from megatron_pwdpo.data.tokenize import TokenizedRow, TokenizeStats, collate, tokenize_rows
 from megatron_pwdpo.data.tokenizer import (
     RESPONSE_PREFIX,
@@ -57,6 +59,7 @@ __all__ = [
     "Tokenizer",
     "atomic_open",
     "collate",
+    "detect_source",
     "golden_hh_pairs",
     "golden_hh_rows",
     "hh_rlhf_pairs",
@@ -81,6 +84,7 @@ __all__ = [
     "split_transcript",
     "tokenize_rows",
     "train_sentencepiece",
+    "trl_rows",
     "validate_pair",
     "validate_row",
     "write_indexed",

@@ -23,7 +23,12 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=SOURCES, default="hh-rlhf", help="input format")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="input format (default: detected from the first record)",
+    )
     parser.add_argument("--split", default=None, help="split of a datasets folder")
     parser.add_argument("--hh-mode", choices=["paired", "unpaired"], default="paired")
     parser.add_argument(
@@ -82,7 +87,10 @@ def _score_range(args: argparse.Namespace) -> list[float] | None:
 
 
 def _load(args: argparse.Namespace, path: str):
-    from megatron_pwdpo.data.loading import load_source_rows
+    from megatron_pwdpo.data.loading import detect_source, load_source_rows
+
+    if args.source == "auto":
+        args.source = detect_source(path, split=args.split)
 
     return load_source_rows(
         path,

@@ -15,6 +15,7 @@ import torch
 from megatron_pwdpo.data.hf_tokenizer import load_tokenizer
 from megatron_pwdpo.data.indexed import load_preprocessed
 from megatron_pwdpo.data.loading import (
+    detect_source,
     heldout_cut,
     label_histogram,
     load_source_rows,
@@ -63,11 +64,12 @@ def load_rows_from_path(
     )
 
 
-def load_rows(cfg) -> list[PointwiseRow]:
-    """Canonical rows of a :class:`~megatron_pwdpo.config.DataConfig`."""
+def load_rows(cfg, *, source: str | None = None) -> list[PointwiseRow]:
+    """Canonical rows of a :class:`~megatron_pwdpo.config.DataConfig` (``source``: the
+    already detected source of ``data.source=auto``)."""
     return load_rows_from_path(
         cfg.path,
-        source=cfg.source,
+        source=source or cfg.source,
         hh_mode=cfg.hh_mode,
         demo_chosen=cfg.demo_chosen,
         seed=cfg.unpaired_seed,
@@ -92,12 +94,13 @@ def _tokenizer(cfg, vocab_size: int) -> Tokenizer:
 def prepare_data(cfg, *, vocab_size: int) -> PreparedData:
     """Load (or map preprocessed rows), split (the last ``eval_rows`` rows, whole prompt
     groups, are held out) and tokenise."""
-    if cfg.source == "preprocessed":
+    source = detect_source(cfg.path, split=cfg.split) if cfg.source == "auto" else cfg.source
+    if source == "preprocessed":
         tokenizer = _tokenizer(cfg, vocab_size)
         pre = load_preprocessed(cfg.path, tokenizer, seq_length=cfg.seq_length)
         tokenized, stats, groups = pre.rows, pre.stats, pre.groups
     else:
-        rows = load_rows(cfg)
+        rows = load_rows(cfg, source=source)
         tokenizer = _tokenizer(cfg, vocab_size)
         tokenized, stats = tokenize_rows(rows, tokenizer, seq_length=cfg.seq_length)
         groups = prompt_groups(rows)

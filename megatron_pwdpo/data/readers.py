@@ -22,19 +22,32 @@ from megatron_pwdpo.data.schema import (
 )
 
 
-def read_pointwise(path: str | os.PathLike[str], *, split: str | None = None) -> list[PointwiseRow]:
+def read_pointwise(
+    path: str | os.PathLike[str], *, split: str | None = None, demo_chosen: bool = True
+) -> list[PointwiseRow]:
     """Reads and validates canonical rows from any container `iter_records` knows.
+
+    ``id`` and ``kind`` are optional: a row without an id is ``row-{index:06d}`` (its
+    0-based position); one without a kind is ``demo`` when ``demo_chosen`` and its label
+    is 1, else ``feedback``.
 
     Args:
         path: a .jsonl/.json(.gz) or .parquet file, a ``save_to_disk`` folder, or
             ``hf:OWNER/NAME``.
         split: the split of a ``DatasetDict``.
+        demo_chosen: the rule for rows without a ``kind`` (above).
 
     Raises:
         DataError: a bad record (`validate_row`), a duplicate id (naming both positions),
             undecodable text, an empty file; always ``path:position: message``.
     """
-    return _read_unique(path, split, lambda obj, line, _: validate_row(obj, path=path, line=line))
+    return _read_unique(
+        path,
+        split,
+        lambda obj, line, i: validate_row(
+            obj, path=path, line=line, index=i, demo_chosen=demo_chosen
+        ),
+    )
 
 
 def read_pairwise(path: str | os.PathLike[str], *, split: str | None = None) -> list[PairwiseRow]:

@@ -92,7 +92,9 @@ def string_field(obj: dict[str, Any], name: str, *, path: str | os.PathLike[str]
     return obj[name]
 
 
-def _check_prompt(prompt: Any, *, path: str | os.PathLike[str], line: int) -> Prompt:
+def check_prompt(prompt: Any, *, path: str | os.PathLike[str], line: int) -> Prompt:
+    """A string, or a list of ``{"role", "content"}`` messages (a fresh copy), or a
+    `DataError` naming the field at ``path:line``."""
     if isinstance(prompt, str):
         return prompt
     if not isinstance(prompt, list):
@@ -123,33 +125,50 @@ def _check_label(label: Any, *, path: str | os.PathLike[str], line: int) -> floa
     return value
 
 
-def validate_row(obj: Any, *, path: str | os.PathLike[str], line: int) -> PointwiseRow:
+def validate_row(
+    obj: Any,
+    *,
+    path: str | os.PathLike[str],
+    line: int,
+    index: int | None = None,
+    demo_chosen: bool | None = None,
+) -> PointwiseRow:
     """Checks one decoded JSON object and returns it as a `PointwiseRow`.
 
     Args:
         obj: the decoded JSON value of one line. Unknown extra fields are ignored.
         path: the file it came from (for the error message).
         line: its 1-based line number (for the error message).
+        index: the record's 0-based position; given, ``id`` is optional and defaults to
+            ``row-{index:06d}``.
+        demo_chosen: given, ``kind`` is optional: a row without one is ``demo`` when
+            ``demo_chosen`` and its label is 1, else ``feedback``.
 
     Raises:
         DataError: a field is missing or has the wrong type, the label is NaN, infinite
             or outside [0, 1], the response is empty, or kind is not demo/feedback.
     """
     require_object(obj, path=path, line=line)
-    for name in ("id", "prompt", "response", "label", "kind"):
+    obj = dict(obj)
+    if index is not None and obj.get("id") is None:
+        obj["id"] = f"row-{index:06d}"
+    for name in ("id", "prompt", "response", "label"):
         if name not in obj:
             raise _field_error(name, "missing", path=path, line=line)
-    for name in ("id", "response", "kind"):
+    for name in ("id", "response"):
         string_field(obj, name, path=path, line=line)
     if not obj["id"]:
         raise _field_error("id", "is empty", path=path, line=line)
     if not obj["response"].strip():
         raise _field_error("response", "is empty", path=path, line=line)
+    prompt = check_prompt(obj["prompt"], path=path, line=line)
+    label = _check_label(obj["label"], path=path, line=line)
+    if demo_chosen is not None and obj.get("kind") is None:
+        obj["kind"] = "demo" if demo_chosen and label == 1.0 else "feedback"
+    string_field(obj, "kind", path=path, line=line)
     if obj["kind"] not in KINDS:
         msg = f"{obj['kind']!r} is not one of {list(KINDS)}"
         raise _field_error("kind", msg, path=path, line=line)
-    prompt = _check_prompt(obj["prompt"], path=path, line=line)
-    label = _check_label(obj["label"], path=path, line=line)
     return PointwiseRow(obj["id"], prompt, obj["response"], label, obj["kind"])
 
 
@@ -182,7 +201,7 @@ def validate_pair(obj: Any, *, path: str | os.PathLike[str], line: int, index: i
         pair_id = string_field(obj, "id", path=path, line=line)
         if not pair_id:
             raise _field_error("id", "is empty", path=path, line=line)
-    prompt = _check_prompt(obj["prompt"], path=path, line=line)
+    prompt = check_prompt(obj["prompt"], path=path, line=line)
     return PairwiseRow(pair_id, prompt, obj["chosen"], obj["rejected"])
 
 

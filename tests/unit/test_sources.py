@@ -385,9 +385,13 @@ def test_every_source_loads_and_ids_are_unique(tmp_path):
         "pairwise": _jsonl(
             tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]
         ),
+        "trl": _jsonl(tmp_path / "trl.jsonl", [{"prompt": "p", "completion": "a", "label": True}]),
     }
+    files["auto"] = files["hh-rlhf"]
     counts = {s: len(load_source_rows(files[s], source=s)) for s in SOURCES}
     assert counts == {
+        "auto": 4,
+        "trl": 1,
         "pointwise": 2,
         "hh-rlhf": 4,
         "golden-hh": 2,
