@@ -440,13 +440,13 @@ def train(config: RunConfig) -> dict[str, float]:
     # exits 2 and srun --kill-on-bad-exit / torchrun stop the other ranks
     lock = RunDirLock(config.run_dir).acquire() if world.rank == 0 else None
     try:
-        return _train(config)
+        return _train(config, started=started)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: RunConfig) -> dict[str, float]:
+def _train(config: RunConfig, *, started: float) -> dict[str, float]:
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)  # before any group
     stages = plan_stages(config, data)
     resume = resume_point(config)
