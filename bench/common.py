@@ -185,6 +185,22 @@ def ratio_of_rounds(a: Sequence[float], b: Sequence[float]) -> float:
     return median([x / y for x, y in zip(a, b, strict=True)])
 
 
+def ratio_stats(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, list[float]]:
+    """``(median, noise, per-round ratios)`` of ``a[k] / b[k]``.
+
+    ``noise`` is the round-to-round spread of the ratio: 1.4826 x the median absolute
+    deviation from the median (the standard deviation for normal noise, robust to one
+    slow round on a shared machine); with fewer than 3 rounds, half their range.
+    """
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    mid = median(ratios)
+    if len(ratios) >= 3:
+        noise = 1.4826 * median([abs(r - mid) for r in ratios])
+    else:
+        noise = (max(ratios) - min(ratios)) / 2
+    return mid, noise, ratios
+
+
 # ------------------------------------------------------------------------ memory
 
 
