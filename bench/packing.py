@@ -31,6 +31,7 @@ from common import (
     global_batches,
     median,
     ratio_of_rounds,
+    ratio_stats,
     report,
     row_tokens,
     session,
@@ -82,10 +83,11 @@ def _measure_size(s, size: int, rounds: int) -> dict:
             "step_s": [round(x, 4) for x in t.wall[name]],
             "step_cpu_s": [round(x, 4) for x in t.cpu[name]],
         }
-    speedup = ratio_of_rounds(t.cpu["padded"], t.cpu["packed"])
+    speedup, noise, _ = ratio_stats(t.cpu["padded"], t.cpu["packed"])
     target = 1 / (1 - out["padded"]["padding_fraction"])
     out["useful_tokens_per_step"] = round(median(useful), 1)
     out["speedup_packed_over_padded"] = round(speedup, 3)
+    out["speedup_noise"] = round(noise, 3)
     out["speedup_packed_over_padded_wall"] = round(
         ratio_of_rounds(t.wall["padded"], t.wall["packed"]), 3
     )
@@ -104,6 +106,20 @@ def measure(plan: list[tuple[int, int]]) -> dict:
         sizes = [_measure_size(s, size, rounds) for size, rounds in plan]
         seq = s.config.data.seq_length
     return {"seq_length": seq, "sizes": sizes, "meets_target": sizes[0]["meets_target"]}
+
+
+def checks(r: dict) -> list[dict]:
+    """The targets ``run_all.py`` gates on."""
+    return [
+        {
+            "name": f"packed vs padded, {x['global_batch_rows']} rows/step: speed-up",
+            "value": x["speedup_packed_over_padded"],
+            "target": x["target_speedup"],
+            "noise": x["speedup_noise"],
+            "higher_is_better": True,
+        }
+        for x in r["sizes"]
+    ]
 
 
 def summary_rows(r: dict) -> list[list]:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import attention
+import cost_curves
 import logprobs_memory
 import packing
 import reference
@@ -29,6 +31,8 @@ BENCHMARKS = {
     "ulma_flops": ulma_flops,
     "logprobs_memory": logprobs_memory,
     "trl_compare": trl_compare,
+    "attention": attention,
+    "cost_curves": cost_curves,
 }
 
 
@@ -69,6 +73,7 @@ def main(argv=None) -> int:
         for row in BENCHMARKS[name].summary_rows(results[name])
     ]
     text = table(rows, SUMMARY_HEADER)
+    gate = gate_checks(names, results)
     wall = round(time.perf_counter() - start, 1)
     summary = {
         "machine": machine(),
@@ -78,6 +83,7 @@ def main(argv=None) -> int:
         "table": [dict(zip(SUMMARY_HEADER, (str(c) for c in row), strict=True)) for row in rows],
         "results": results,
         "failed": failed,
+        "checks": gate,
     }
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
@@ -85,9 +91,37 @@ def main(argv=None) -> int:
     print()
     print(text)
     print(f"\n{wall:.0f} s in all; wrote {args.out}")
+    missed = [c for c in gate if c["verdict"] == "MISSED"]
+    for c in gate:
+        if c["verdict"] != "met":
+            print(
+                f"{c['verdict']}: {c['name']}: {c['value']} vs target {c['target']} "
+                f"(noise {c['noise']})",
+                file=sys.stderr,
+            )
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    if missed:
+        print(f"FAILED: {len(missed)} target(s) missed by more than their noise", file=sys.stderr)
+    return 1 if failed or missed else 0
+
+
+def gate_checks(names: list[str], results: dict) -> list[dict]:
+    """Every benchmark's ``checks(result)`` with a verdict: ``met``, ``within noise``
+    (missed by no more than the ratio's measured round-to-round noise) or ``MISSED``."""
+    out = []
+    for name in names:
+        result, module = results.get(name), BENCHMARKS[name]
+        if not result or "skipped" in result or not hasattr(module, "checks"):
+            continue
+        for c in module.checks(result):
+            sign = 1 if c["higher_is_better"] else -1
+            shortfall = sign * (c["target"] - c["value"])  # > 0: missed
+            verdict = (
+                "met" if shortfall <= 0 else "within noise" if shortfall <= c["noise"] else "MISSED"
+            )
+            out.append({**c, "benchmark": name, "verdict": verdict})
+    return out
 
 
 if __name__ == "__main__":

@@ -211,9 +211,12 @@ def trl_trainer(
     callbacks=(),
     precompute: bool = False,
     timings: dict | None = None,
+    micro_batch: int | None = None,
 ):
     """TRL's trainer on our rows; ``precompute``: ``precompute_ref_log_probs`` (no
-    reference model kept), its CPU seconds added to ``timings["precompute_cpu_s"]``."""
+    reference model kept), its CPU seconds added to ``timings["precompute_cpu_s"]``;
+    ``micro_batch``: rows (KTO) or pairs (DPO) per forward, the global batch reached by
+    gradient accumulation (default: the whole global batch at once)."""
     import copy
 
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
@@ -237,8 +240,8 @@ def trl_trainer(
     extra = {"loss_type": ["sigmoid"]} if loss == "dpo" else {}
     args = config_cls(
         output_dir=out_dir,
-        per_device_train_batch_size=t.global_batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro_batch or t.global_batch_size,
+        gradient_accumulation_steps=t.global_batch_size // (micro_batch or t.global_batch_size),
         max_steps=steps,
         learning_rate=LR,
         lr_scheduler_type="constant",
