@@ -16,6 +16,12 @@ and on a 4x wider one (14M parameters, 8 rows per step), where the reference's w
 (53 MiB) are large enough to show above the runtime's RSS noise. Target: ``cache``
 within 5% of SFT in step time and in peak memory.
 
+The ceiling ratio (a CPU "MFU"): each side's model FLOPs per CPU-second
+(``common.forward_flops`` over the positions its micro-batches run, padding included:
+3 forward passes for the policy's forward and backward, plus 1 for a resident
+reference) divided by the dense fp32 matmul FLOPs per CPU-second of the same process at
+the same thread count, measured in the same run (``common.matmul_flops_per_cpu_s``).
+
     python bench/reference.py [--rounds N] [--quick]
 """
 

@@ -15,6 +15,13 @@ so and stops if it is missing). Both sides get exactly the same work:
 * the same optimisation: Adam (beta2 0.95), lr 3e-4, clipping at 1.0, beta 0.1,
   log-probs summed over the response.
 
+Two comparisons: **like-for-like** (the above: both padded, both with a resident
+reference) and **best configuration each side** (``best_overrides``: ours packed with a
+reference cache, pointwise DPO on the unpaired rows; TRL with
+``precompute_ref_log_probs``; each precompute timed apart from the steps and also
+amortised over one epoch of the timed rows). Target for the best rows: ours >= 1.5x
+TRL's tokens/s at <= 0.8x its step-peak memory.
+
 Time: in one process, TRL's ``Trainer.train()`` runs and a callback runs one step of
 ours after each of TRL's steps (the TRL step is the time between its step ends minus
 ours). Tokens/s counts the training rows' own tokens (no padding, no KL rows).

@@ -32,7 +32,16 @@ Which kernel runs (torch 2.11 on the lent GPU, 2.13 here):
   and never holds the scores; its cost is that it visits every ``s x s`` tile (no skipping
   of the tiles a document-causal mask hides, so ~2x the attention FLOPs of causal flash on
   the same width) plus the ``[b, 1, s, s]`` mask (8 MiB of bool at ``b=2, s=2048``, already
-  built by the batch). On CPU the fused CPU kernel takes the mask too.
+  built by the batch).
+* **a mask, on CPU**: the fused CPU kernel takes the mask too, but it cannot skip the
+  hidden tiles either, so a packed sequence cost the full ``s x s`` while a padded row
+  costs the causal half (measured: packing's speed-up over padding fell from 1.66x with
+  Megatron's attention to ~1.25x). So on CPU a block-diagonal causal mask is cut into its
+  rows (:func:`block_causal_runs`: found from the mask's sub-diagonal, then checked
+  against the whole mask, once per mask) and each row runs causal SDPA alone: the
+  attention costs ``sum(row_len^2) / 2`` like unpacked rows. Any other mask, and
+  dropout, take the mask path. (On CUDA the rows would need a device-to-host sync per
+  micro-batch; there varlen attention is the follow-up, below.)
 
 Why this and not the alternatives torch offers (investigated in torch 2.13's sources,
 ``torch/nn/attention/``):
@@ -67,6 +76,7 @@ returns ``[sq, b, np * hn]``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -148,12 +158,24 @@ class SDPAttention(DotProductAttention):
         if attention_bias is not None:
             raise ValueError("model.attention=sdpa: attention_bias is not supported")
         attn_mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        sq, b, heads, _ = query.shape
-        groups = key.shape[2]
-
+        sq, b = query.shape[:2]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
+        dropout_p = self.dropout_p if self.training else 0.0
+        runs = None
+        if attention_mask is not None and not q.is_cuda and dropout_p == 0.0:
+            runs = block_causal_runs(attention_mask)
+        if runs is not None:
+            context = self._per_run(q, k, v, runs)
+        else:
+            context = self._sdpa(q, k, v, attention_mask, attn_mask_type, dropout_p)
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _sdpa(self, q, k, v, attention_mask, attn_mask_type, dropout_p: float) -> torch.Tensor:
+        """One SDPA call over ``[b, np, s, hn]`` queries: causal, or the mask."""
+        heads, groups = q.shape[1], k.shape[1]
         kwargs = {}
         if attention_mask is not None:
             # Megatron's convention is True = masked; SDPA's is True = attend. The fused
@@ -163,22 +185,87 @@ class SDPAttention(DotProductAttention):
                 k = k.repeat_interleave(heads // groups, dim=1)
                 v = v.repeat_interleave(heads // groups, dim=1)
         else:
-            kwargs["is_causal"] = attn_mask_type == AttnMaskType.causal and sq > 1
+            kwargs["is_causal"] = attn_mask_type == AttnMaskType.causal and q.shape[2] > 1
             if groups != heads:
                 if q.is_cuda and q.dtype == torch.float32:  # memory-efficient kernel: no GQA
                     k = k.repeat_interleave(heads // groups, dim=1)
                     v = v.repeat_interleave(heads // groups, dim=1)
                 else:
                     kwargs["enable_gqa"] = True
-        dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(
+                return F.scaled_dot_product_attention(
                     q, k, v, dropout_p=dropout_p, scale=self.sdpa_scale, **kwargs
                 )
-        else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, scale=self.sdpa_scale, **kwargs
-            )
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, scale=self.sdpa_scale, **kwargs
+        )
+
+    def _per_run(self, q, k, v, runs) -> torch.Tensor:
+        """Packed rows on CPU: causal SDPA over each row alone (``runs``, see
+        :func:`block_causal_runs`), so no work is spent on the positions the mask hides;
+        a run of positions that see only themselves returns their values."""
+        heads, groups = q.shape[1], k.shape[1]
+        gqa = groups != heads
+        out = []
+        for i, sequence in enumerate(runs):
+            pieces = []
+            for start, end, attends in sequence:
+                qs, ks, vs = (t[i : i + 1, :, start:end] for t in (q, k, v))
+                if attends:
+                    pieces.append(
+                        F.scaled_dot_product_attention(
+                            qs, ks, vs, is_causal=True, scale=self.sdpa_scale, enable_gqa=gqa
+                        )
+                    )
+                else:  # softmax over one position is 1
+                    pieces.append(vs.repeat_interleave(heads // groups, dim=1) if gqa else vs)
+            out.append(torch.cat(pieces, dim=2))
+        return torch.cat(out, dim=0)
+
+
+_RUNS_CACHE: dict = {}
+
+
+def block_causal_runs(mask: torch.Tensor) -> list[list[tuple[int, int, bool]]] | None:
+    """The rows of a block-diagonal causal mask, or None if ``mask`` is not one.
+
+    Args:
+        mask: ``[b, 1, s, s]`` bool, True = masked (Megatron's convention), as
+            :func:`megatron_pwdpo.data.packing.block_causal_mask` builds it.
+
+    Returns:
+        per sequence, its positions cut into consecutive runs ``(start, end, attends)``
+        that cover ``[0, s)``: ``attends`` True = a segment whose positions see exactly
+        the earlier positions of the same segment (a packed row: causal attention
+        within it); False = positions that each see only themselves (padding, or rows
+        of one position). None when the mask has any other form (then the caller uses
+        the mask itself). Segments start where position ``i`` cannot see ``i - 1``; the
+        whole mask is compared with the one these segments imply (``O(b s^2)`` bool
+        work, once per mask: the result is cached for the layers that share it).
+    """
+    cached = _RUNS_CACHE.get("mask")
+    if cached is not None and cached() is mask and _RUNS_CACHE["version"] == mask._version:
+        return _RUNS_CACHE["runs"]
+    m = mask[:, 0]  # [b, s, s]
+    b, s, _ = m.shape
+    starts = torch.ones(b, s, dtype=torch.bool)
+    starts[:, 1:] = m.diagonal(offset=-1, dim1=1, dim2=2)  # i cannot see i - 1
+    segment = starts.cumsum(1)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    implied = ~((segment[:, :, None] == segment[:, None, :]) & causal)
+    runs = None
+    if torch.equal(implied, m):
+        runs = []
+        for row in starts.tolist():
+            bounds = [i for i, first in enumerate(row) if first] + [s]
+            sequence: list[tuple[int, int, bool]] = []
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                attends = end - start > 1
+                if sequence and not attends and not sequence[-1][2]:
+                    sequence[-1] = (sequence[-1][0], end, False)  # merge self-only runs
+                else:
+                    sequence.append((start, end, attends))
+            runs.append(sequence)
+    _RUNS_CACHE.update(mask=weakref.ref(mask), version=mask._version, runs=runs)
+    return runs

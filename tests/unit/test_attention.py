@@ -13,7 +13,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_pwdpo import cpu_bridge, distributed
-from megatron_pwdpo.attention import SDPAttention
+from megatron_pwdpo.attention import SDPAttention, block_causal_runs
 from megatron_pwdpo.config import ConfigError, load_config
 from megatron_pwdpo.data.packing import block_causal_mask
 from megatron_pwdpo.launch import free_port
@@ -197,3 +197,23 @@ def test_te_layer_spec_keeps_te_attention_unless_asked(monkeypatch):
     assert _core(layer_spec(use_te=True, attention="auto")) is TEAttentionStandIn
     assert _core(layer_spec(use_te=True, attention="sdpa")) is SDPAttention
     assert _core(layer_spec(use_te=True, attention="local")) is DotProductAttention
+
+
+def test_block_causal_runs_cut_packed_rows_and_refuse_other_masks(world):
+    assert block_causal_runs(_packed_mask()) == [
+        [(0, 5, True), (5, 9, True), (9, 12, True)],
+        [(0, 7, True), (7, 12, False)],  # the padding: each position sees itself
+        [(0, 12, True)],
+    ]
+    # a sliding window (each position sees itself and the 2 before) is not block-causal:
+    # no runs, and the module falls back to SDPA with the mask itself
+    i = torch.arange(SQ)
+    window = ~((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3))
+    mask = window.expand(B, 1, SQ, SQ).clone()
+    assert block_causal_runs(mask) is None
+    q, k, v = _qkv()
+    got, got_grads = _run(_attention(SDPAttention), q, k, v, mask)
+    want, want_grads = _run(lambda *a: _naive(*a[:3], mask[:, 0], 1 / math.sqrt(HN)), q, k, v, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
