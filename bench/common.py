@@ -185,6 +185,22 @@ def ratio_of_rounds(a: Sequence[float], b: Sequence[float]) -> float:
     return median([x / y for x, y in zip(a, b, strict=True)])
 
 
+def ratio_stats(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, list[float]]:
+    """``(median, noise, per-round ratios)`` of ``a[k] / b[k]``.
+
+    ``noise`` is the round-to-round spread of the ratio: 1.4826 x the median absolute
+    deviation from the median (the standard deviation for normal noise, robust to one
+    slow round on a shared machine); with fewer than 3 rounds, half their range.
+    """
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    mid = median(ratios)
+    if len(ratios) >= 3:
+        noise = 1.4826 * median([abs(r - mid) for r in ratios])
+    else:
+        noise = (max(ratios) - min(ratios)) / 2
+    return mid, noise, ratios
+
+
 # ------------------------------------------------------------------------ memory
 
 
@@ -454,3 +470,73 @@ def argparse_hidden() -> str:
     import argparse
 
     return argparse.SUPPRESS
+
+
+# ------------------------------------------------------------------------ shapes
+
+
+def long_rows(examples: Sequence, *, length: int, count: int) -> list:
+    """``count`` point-wise rows of exactly ``length`` tokens (``length - 1`` positions),
+    cut from the HH rows' tokens laid end to end (repeated if needed); the first half of
+    each is its prompt, labels alternate 1, 0. For shapes the bundled rows (~150 tokens)
+    do not reach."""
+    import numpy as np
+
+    from megatron_pwdpo.data.tokenize import TokenizedRow
+
+    tokens = np.concatenate([r.input_ids for r in examples])
+    tokens = np.resize(tokens, max(tokens.size, length * count))
+    return [
+        TokenizedRow(
+            row_index=i,
+            input_ids=tokens[i * length : (i + 1) * length].copy(),
+            prompt_len=length // 2,
+            label=float(1 - i % 2),
+            is_demo=False,
+            id=f"long-{i}",
+        )
+        for i in range(count)
+    ]
+
+
+def set_core_attention(chunks, kind: str) -> None:
+    """Replace every layer's core attention in ``chunks`` by ``SDPAttention`` (``sdpa``)
+    or Megatron's ``DotProductAttention`` (``local``), built from the same arguments.
+    Neither holds parameters, so the model's weights are untouched: one model serves
+    both sides of an alternating timing."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_pwdpo.attention import SDPAttention
+
+    cls = {"sdpa": SDPAttention, "local": DotProductAttention}[kind]
+    for chunk in chunks:
+        for module in chunk.modules():
+            core = getattr(module, "core_attention", None)
+            if core is None or type(core) is cls:
+                continue
+            module.core_attention = cls(
+                core.config,
+                layer_number=core.layer_number,
+                attn_mask_type=core.attn_mask_type,
+                attention_type=core.attention_type,
+                pg_collection=core.pg_collection,
+            ).train(core.training)
+
+
+def matmul_flops_per_cpu_s(n: int = 512, min_cpu_s: float = 0.5) -> float:
+    """Dense fp32 matmul FLOPs per CPU-second of this process at its current thread count
+    (``n x n`` by ``n x n``, ``2 n^3`` FLOPs each, repeated for ``min_cpu_s``; the best of
+    three such runs): the ceiling a step's model FLOPs per CPU-second is compared with."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    best = 0.0
+    for _ in range(3):
+        calls, start = 0, time.process_time()
+        while (spent := time.process_time() - start) < min_cpu_s:
+            torch.mm(a, b, out=out)
+            calls += 1
+        best = max(best, 2 * n**3 * calls / spent)
+    return best

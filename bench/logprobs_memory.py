@@ -177,6 +177,33 @@ def measure(steps: int) -> dict:
     return out
 
 
+def checks(r: dict) -> list[dict]:
+    """The targets ``run_all.py`` gates on (memory repeats to within a few MiB: 2%)."""
+    out = []
+    for s in r["shapes"]:
+        shape = f"{s['batch']}x{s['seq']}"
+        out.append(
+            {
+                "name": f"vocab-parallel vs gathered logits {shape}: step peak ratio",
+                "value": s["step_peak_gathered_over_vocab_parallel"],
+                "target": 1.0,
+                "noise": 0.02,
+                "higher_is_better": True,
+            }
+        )
+        if s["seq"] > s.get("chunk", CHUNK):
+            out.append(
+                {
+                    "name": f"chunked vs whole-sequence log-probs {shape}: step peak ratio",
+                    "value": s["step_peak_vocab_parallel_over_chunked"],
+                    "target": 1.0,
+                    "noise": 0.02,
+                    "higher_is_better": True,
+                }
+            )
+    return out
+
+
 def summary_rows(r: dict) -> list[list]:
     rows = []
     for s in r["shapes"]:

@@ -16,6 +16,12 @@ and on a 4x wider one (14M parameters, 8 rows per step), where the reference's w
 (53 MiB) are large enough to show above the runtime's RSS noise. Target: ``cache``
 within 5% of SFT in step time and in peak memory.
 
+The ceiling ratio (a CPU "MFU"): each side's model FLOPs per CPU-second
+(``common.forward_flops`` over the positions its micro-batches run, padding included:
+3 forward passes for the policy's forward and backward, plus 1 for a resident
+reference) divided by the dense fp32 matmul FLOPs per CPU-second of the same process at
+the same thread count, measured in the same run (``common.matmul_flops_per_cpu_s``).
+
     python bench/reference.py [--rounds N] [--quick]
 """
 
@@ -29,10 +35,13 @@ from common import (
     MemoryTracker,
     alternate,
     common_args,
+    forward_flops,
     global_batches,
+    matmul_flops_per_cpu_s,
     median,
     num_parameters,
     ratio_of_rounds,
+    ratio_stats,
     report,
     run_workers,
     session,
@@ -100,8 +109,28 @@ def measure_time(rounds: int) -> dict:
 
         timings = alternate({name: side(name) for name in SIDES}, rounds=rounds, warmup=1)
         params = num_parameters(s.config.model)
+        # the ceiling: dense matmul FLOPs per CPU-second, this process, same threads
+        matmul = matmul_flops_per_cpu_s()
+        shapes = [[m["tokens"].shape for m in runner._micro_batches(b)] for b in batches[1:]]
+        model = s.config.model
+    # model FLOPs of a step: forward + backward (3 x forward) of the policy over the
+    # positions it runs (padding included; common.forward_flops), plus one reference
+    # forward when resident
+    forward = [sum(forward_flops(model, batch=b, seq=w) for b, w in mbs) for mbs in shapes]
+    passes = {"sft": 3, "cache": 3, "resident": 4}
+    mfu = {
+        side: median(
+            [passes[side] * f / x for f, x in zip(forward, timings.cpu[side], strict=True)]
+        )
+        / matmul
+        for side in SIDES
+    }
+    positions = [sum(b * w for b, w in mbs) for mbs in shapes]
     return {
         "timings": timings,
+        "matmul_gflops_per_cpu_s": round(matmul / 1e9, 2),
+        "cpu_mfu": {side: round(v, 4) for side, v in mfu.items()},
+        "positions_per_step": median(positions),
         "reference_parameters": params,
         "cache_table_bytes": 4 * (max(r.row_index for r in s.data.train) + 1),
     }
@@ -180,10 +209,37 @@ def measure(rounds: int, memory_steps: int) -> dict:
             )
         out["memory"][model] = m
     out["cache_table_mib"] = round(timing["cache_table_bytes"] / 2**20, 4)
+    out["step_time_cache_over_sft_noise"] = round(ratio_stats(t.cpu["cache"], t.cpu["sft"])[1], 3)
+    for key in ("matmul_gflops_per_cpu_s", "cpu_mfu", "positions_per_step"):
+        out[key] = timing[key]
     out["target_cache_over_sft"] = 1.05
     out["meets_target"] = out["step_time_cache_over_sft"] <= 1.05 and all(
         m["peak_cache_over_sft"] <= 1.05 for m in out["memory"].values()
     )
+    return out
+
+
+def checks(r: dict) -> list[dict]:
+    """The targets ``run_all.py`` gates on."""
+    out = [
+        {
+            "name": "reference cache vs SFT: step time",
+            "value": r["step_time_cache_over_sft"],
+            "target": r["target_cache_over_sft"],
+            "noise": r["step_time_cache_over_sft_noise"],
+            "higher_is_better": False,
+        }
+    ]
+    for model, m in r["memory"].items():
+        out.append(
+            {
+                "name": f"reference cache vs SFT: peak memory, {model} model",
+                "value": m["peak_cache_over_sft"],
+                "target": r["target_cache_over_sft"],
+                "noise": 0.01,  # the memory numbers repeat to within ~1 MiB of ~500
+                "higher_is_better": False,
+            }
+        )
     return out
 
 
@@ -206,6 +262,19 @@ def summary_rows(r: dict) -> list[list]:
             "",
         ],
     ]
+    if "cpu_mfu" in r:
+        mfu = r["cpu_mfu"]
+        rows.append(
+            [
+                "CPU 'MFU': step model FLOPs per CPU-s / dense matmul FLOPs per CPU-s "
+                "(SFT / point-wise DPO with cache / resident reference)",
+                f"matmul {r['matmul_gflops_per_cpu_s']:.1f} GFLOP/CPU-s (512x512 fp32, "
+                f"1 thread); {r['positions_per_step']:.0f} positions/step",
+                f"{mfu['sft']:.3f} / {mfu['cache']:.3f} / {mfu['resident']:.3f}",
+                "(a ceiling ratio)",
+                "",
+            ]
+        )
     for model, m in r["memory"].items():
         rows.append(
             [

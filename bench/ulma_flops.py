@@ -120,6 +120,21 @@ def measure(rounds: int) -> dict:
     return out
 
 
+def checks(r: dict) -> list[dict]:
+    """The targets ``run_all.py`` gates on: FLOPs are counted, not timed (no noise; the
+    0.02 allows the rounding of shares to rows)."""
+    return [
+        {
+            "name": f"ULMA: reference FLOPs saved at demo share {x['demo_share_rows']:.2f}",
+            "value": x["reference_flops_saved"],
+            "target": x["demo_share_tokens"],
+            "noise": 0.02,
+            "higher_is_better": True,
+        }
+        for x in r["shares"]
+    ]
+
+
 def summary_rows(r: dict) -> list[list]:
     half = next(x for x in r["shares"] if x["demo_share_rows"] == 0.5)
     every = ", ".join(

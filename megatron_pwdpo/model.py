@@ -51,6 +51,15 @@ class ModelConfig:
             context of 8192) or ``linear`` (positions divided by the factor, i.e. position
             interpolation).
         rope_scaling_factor: the scaling factor of ``rope_scaling``.
+        attention: the core attention (:func:`resolve_attention`): ``auto`` = Transformer
+            Engine's fused attention where TE is in use, else ``sdpa``; ``sdpa`` =
+            ``torch.nn.functional.scaled_dot_product_attention``
+            (:class:`megatron_pwdpo.attention.SDPAttention`: FlashAttention / memory-
+            efficient kernels on GPU, the fused CPU kernel on CPU; causal, grouped-query
+            and the block-diagonal mask of ``data.packing=masked``); ``local`` =
+            Megatron-Core's unfused ``DotProductAttention`` (scores materialised). The
+            same function and the same checkpoint either way; it is not part of a
+            reference cache's fingerprint.
     """
 
     num_layers: int = 2
@@ -69,6 +78,7 @@ class ModelConfig:
     qkv_bias: bool = False
     rope_scaling: Literal["none", "llama3", "linear"] = "none"
     rope_scaling_factor: float = 1.0
+    attention: Literal["auto", "sdpa", "local"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -175,20 +185,45 @@ class _Sections:
     precision: PrecisionConfig | None
 
 
-def resolve_attention(requested: str, *, use_te: bool) -> str:
-    """The core attention a run uses: ``te`` with Transformer Engine's layers, else
-    megatron-core's local ``DotProductAttention`` (``local``)."""
-    del requested
-    return "te" if use_te else "local"
+AttentionKind = Literal["te", "sdpa", "local"]
 
 
-def layer_spec(*, use_te: bool):
-    """The transformer layer spec: Transformer Engine (GPU, FP8-capable) or local."""
+def resolve_attention(requested: str, *, use_te: bool) -> AttentionKind:
+    """The core attention a run uses: ``te``, ``sdpa`` or ``local``.
+
+    Args:
+        requested: ``model.attention``: ``auto``, ``sdpa`` or ``local``.
+        use_te: the model is built with Transformer Engine's layer spec.
+
+    Returns:
+        ``auto`` -> ``te`` with Transformer Engine (its fused attention, which also takes
+        THD-packed rows), else ``sdpa``; ``sdpa`` and ``local`` as asked (with TE they
+        replace TE's core attention inside TE's spec).
+    """
+    if requested == "auto":
+        return "te" if use_te else "sdpa"
+    if requested in ("sdpa", "local"):
+        return requested
+    raise ValueError(f"model.attention: {requested!r} is not one of auto, sdpa, local")
+
+
+def layer_spec(*, use_te: bool, attention: str = "auto"):
+    """The transformer layer spec: Transformer Engine (GPU, FP8-capable) or local, with the
+    core attention of :func:`resolve_attention` (``attention`` is ``model.attention``)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from megatron_pwdpo.attention import SDPAttention
+
+    kind = resolve_attention(attention, use_te=use_te)
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    core = {"sdpa": SDPAttention, "local": DotProductAttention}.get(kind)
+    if core is not None:
+        spec.submodules.self_attention.submodules.core_attention = core
+    return spec
 
 
 def build_model(
@@ -235,7 +270,9 @@ def build_model(
         real_vocab_size=model.vocab_size,
         logprob_chunk_size=parallel.logprob_chunk_size,
         config=config,
-        transformer_layer_spec=layer_spec(use_te=plan.layer_spec == "te"),
+        transformer_layer_spec=layer_spec(
+            use_te=plan.layer_spec == "te", attention=model.attention
+        ),
         vocab_size=padded_vocab_size(
             model.vocab_size,
             multiple=model.vocab_pad_multiple,

@@ -37,9 +37,13 @@ The rules, each with its reason:
   interleaving).
 * **distributed optimizer**: ``parallel.distributed_optimizer`` (``auto``: on wherever
   data parallel > 1, as in the cluster examples; it runs on CPU over gloo too).
+* **attention**: ``model.attention=auto`` is TE's fused attention with TE's layers, else
+  :class:`megatron_pwdpo.attention.SDPAttention` (``scaled_dot_product_attention``:
+  flash / cuDNN / memory-efficient kernels on GPU) in place of megatron-core's unfused
+  ``DotProductAttention``; ``sdpa`` / ``local`` force one.
 * **packing**: ``masked`` needs an attention that honours an arbitrary block-diagonal
-  mask (the local spec's: ``sdpa`` or ``local``; TE's fused attention ignores it);
-  ``thd`` needs TE's attention (``PackedSeqParams``).
+  mask (``sdpa`` or ``local``; TE's fused attention ignores it); ``thd`` needs TE's
+  attention (``PackedSeqParams``).
 * **sequence parallel** needs TE's norm (the local spec's ``WrappedTorchNorm`` asserts)
   and a width divisible by the tensor-parallel size; FP8 with it needs each rank's
   tokens divisible by 8 (32 for MXFP8): :func:`token_multiple`.

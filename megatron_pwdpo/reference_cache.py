@@ -90,9 +90,10 @@ def row_digests(rows: Sequence[TokenizedRow]) -> np.ndarray:
 
 def cache_fingerprint(config: RunConfig, tokenizer) -> dict[str, Any]:
     """What a cache's log-probs depend on besides each row's tokens: the reference's
-    checkpoint (:func:`checkpoint_digest`), the model section that reads it, the
-    tokenizer files, ``data.seq_length``, ``loss.logp_reduction`` and the precision the
-    reference runs in (:func:`megatron_pwdpo.precision.reference_numerics`)."""
+    checkpoint (:func:`checkpoint_digest`), the model section that reads it (less
+    ``model.attention``, which kernel computes the same attention), the tokenizer files,
+    ``data.seq_length``, ``loss.logp_reduction`` and the precision the reference runs in
+    (:func:`megatron_pwdpo.precision.reference_numerics`)."""
     from megatron_pwdpo.data.hf_tokenizer import tokenizer_fingerprint
     from megatron_pwdpo.precision import reference_numerics
 
@@ -105,7 +106,8 @@ def cache_fingerprint(config: RunConfig, tokenizer) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "reference_checkpoint": checkpoint_digest(ckpt),
-        "model": asdict(config.model),
+        # model.attention picks a kernel for the same function: not what the log-probs mean
+        "model": {k: v for k, v in asdict(config.model).items() if k != "attention"},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "seq_length": config.data.seq_length,
         "logp_reduction": config.loss.logp_reduction,

@@ -11,9 +11,6 @@
   reductions, is the production path. ``tests/gpu`` runs the same with TE itself.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -59,8 +56,8 @@ SCRIPT = textwrap.dedent(
 
     stock_spec = model_module.layer_spec
 
-    def thd_capable_spec(*, use_te):
-        spec = stock_spec(use_te=use_te)
+    def thd_capable_spec(*, use_te, attention):
+        spec = stock_spec(use_te=use_te, attention="local")
         spec.submodules.self_attention.submodules.core_attention = ThdOnCpuAttention
         return spec
 

@@ -39,7 +39,7 @@ def test_detect_reports_this_machine():
 
 def test_cpu_plan():
     plan = plan_build(load_config(None, []), CPU)
-    assert (plan.layer_spec, plan.attention, plan.backend) == ("local", "local", "gloo")
+    assert (plan.layer_spec, plan.attention, plan.backend) == ("local", "sdpa", "gloo")
     assert plan.packing == {"masked"}
     tc = plan.transformer_config
     assert tc["use_cpu_initialization"] and not tc["batch_p2p_comm"]
@@ -49,8 +49,11 @@ def test_cpu_plan():
 
 def test_gpu_without_te_plan_uses_no_kernel_it_lacks():
     plan = plan_build(load_config(None, [], on=GPU_WITHOUT_TE), GPU_WITHOUT_TE)
-    assert (plan.layer_spec, plan.backend) == ("local", "nccl")
-    assert plan.packing == {"masked"}  # the local spec honours the block-diagonal mask
+    assert (plan.layer_spec, plan.attention, plan.backend) == ("local", "sdpa", "nccl")
+    assert plan.packing == {"masked"}  # SDPA honours the block-diagonal mask (fused kernel)
+    # Megatron's unfused attention on request: still the local spec, still masked packing
+    local = load_config(None, ["model.attention=local"], on=GPU_WITHOUT_TE)
+    assert plan_build(local, GPU_WITHOUT_TE).attention == "local"
     tc = plan.transformer_config
     # no apex: megatron's linear layers raise with gradient_accumulation_fusion; no TE: no
     # fused RoPE
@@ -62,6 +65,9 @@ def test_gpu_with_te_plan_uses_te_kernels():
     plan = plan_build(load_config(None, [], on=GPU_WITH_TE), GPU_WITH_TE)
     assert (plan.layer_spec, plan.attention, plan.backend) == ("te", "te", "nccl")
     assert plan.packing == {"thd"}
+    # SDPA inside TE's spec: the block-diagonal mask is honoured again, THD is not
+    sdpa = load_config(None, ["model.attention=sdpa"], on=GPU_WITH_TE)
+    assert plan_build(sdpa, GPU_WITH_TE).packing == {"masked"}
     tc = plan.transformer_config
     assert tc["gradient_accumulation_fusion"] and tc["apply_rope_fusion"]
     # TE without apex: no gradient-accumulation fusion (megatron's output layer needs apex)

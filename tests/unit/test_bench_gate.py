@@ -1,0 +1,39 @@
+"""``bench/run_all.py``'s gate: a ratio that misses its target by more than its measured
+noise fails the run; within the noise it is reported, not failed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+run_all = pytest.importorskip("run_all")
+
+
+def _packing(speedup: float, noise: float) -> dict:
+    size = {"global_batch_rows": 16, "speedup_packed_over_padded": speedup}
+    return {"sizes": [{**size, "target_speedup": 1.6, "speedup_noise": noise}]}
+
+
+@pytest.mark.parametrize(
+    ("speedup", "noise", "verdict"),
+    [(1.7, 0.05, "met"), (1.57, 0.05, "within noise"), (1.5, 0.05, "MISSED")],
+)
+def test_gate_compares_the_shortfall_with_the_noise(speedup, noise, verdict):
+    (check,) = run_all.gate_checks(["packing"], {"packing": _packing(speedup, noise)})
+    assert check["verdict"] == verdict
+
+
+def test_lower_is_better_targets_and_skipped_benchmarks():
+    memory = {"tiny": {"peak_cache_over_sft": 1.2}}
+    result = {
+        "step_time_cache_over_sft": 1.02,
+        "step_time_cache_over_sft_noise": 0.01,
+        "target_cache_over_sft": 1.05,
+        "memory": memory,
+    }
+    verdicts = [c["verdict"] for c in run_all.gate_checks(["reference"], {"reference": result})]
+    assert verdicts == ["met", "MISSED"]
+    assert run_all.gate_checks(["trl_compare"], {"trl_compare": {"skipped": "no TRL"}}) == []
