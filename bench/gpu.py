@@ -278,6 +278,7 @@ def trl_shape(args):
         global_rows=args.global_batch,
         hh_global_pairs=args.hh_pairs,
         hh_micro=args.hh_micro,
+        hh_trl_micro_pairs=args.hh_trl_micro,
         warmup=args.trl_warmup,
         steps=args.trl_steps,
         dtype=args.dtype,
@@ -319,7 +320,7 @@ def run_trl(args, shape, *, deadline: float) -> dict:
         hf_dir = Path(tmp) / "hf"  # our first side writes it, TRL's sides read it
         for group in groups:
             left = deadline - time.monotonic()
-            if left < 30:
+            if left < args.side_min_s:
                 results.update({s: {"side": s, "skipped": "out of the time budget"} for s in group})
                 continue
             passed = ["--shape", json.dumps(asdict(shape)), "--hf-dir", str(hf_dir)]
@@ -414,8 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hh-micro", type=int, default=2, help="packed sequences per micro-batch (TRL: pairs)"
     )
+    parser.add_argument(
+        "--hh-trl-micro", type=int, default=8, help="TRL's HH pairs per padded micro-batch"
+    )
     parser.add_argument("--packing", default="auto", help="auto: thd with TE, else masked")
     parser.add_argument("--budget-s", type=float, default=3600, help="stop starting workers after")
+    parser.add_argument(
+        "--side-min-s", type=float, default=45.0, help="start no worker with less time left"
+    )
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -444,6 +451,9 @@ def precision_runs(args, shape, *, deadline: float) -> dict:
         if shape.attention:
             passed += ["--attention-override", shape.attention]
         left = min(1800.0, deadline - time.monotonic())
+        if left < args.side_min_s:
+            runs[precision] = {"skipped": "out of the time budget"}
+            continue
         try:
             runs[precision] = run_worker("gpu.py", ["--worker", precision, *passed], timeout=left)
         except RuntimeError as err:  # reported; the other runs and the comparison go on
@@ -477,6 +487,7 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.dtype = 2, 1, args.dtype or "fp32"
         args.precisions = "bf16" if args.precisions is None else args.precisions
         args.trl_warmup, args.trl_steps, args.hh_pairs, args.hh_micro = 1, 1, 4, 1
+        args.hh_trl_micro, args.side_min_s = 2, 10.0
         # a 1 GFLOP/s "peak": exercises the MFU arithmetic with percentages far from 0 on any CPU
         args.peak_tflops = args.peak_tflops or 1e-3
     elif not torch.cuda.is_available():

@@ -77,7 +77,8 @@ class Shape:
     micro_rows: int
     global_rows: int
     hh_global_pairs: int
-    hh_micro: int  # ours: packed sequences per micro-batch; TRL: pairs per micro-batch
+    hh_micro: int  # ours: packed sequences per micro-batch
+    hh_trl_micro_pairs: int  # TRL: pairs per (padded) micro-batch
     warmup: int
     steps: int
     dtype: str
@@ -149,7 +150,8 @@ def overrides(side: str, shape: Shape) -> list[str]:
     if hh:
         out += [
             f"data.packing={shape.packing}" if side.startswith("ours") else "data.packing=none",
-            f"train.micro_batch_size={shape.hh_micro if side.startswith('ours') else 1}",
+            "train.micro_batch_size="
+            + str(shape.hh_micro if side.startswith("ours") else shape.hh_trl_micro_pairs),
             f"train.global_batch_size={shape.hh_global_pairs}",
         ]
     else:
