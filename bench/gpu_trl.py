@@ -51,19 +51,19 @@ from common import MemoryTracker, global_batches, median, session
 from trl_compare import hf_tokenizer, tokens_of, trl_available, trl_dataset
 
 BETA, LR = 0.1, 3e-4
-COMPARISONS = {
+COMPARISONS = {  # in the order they run (what a short time budget leaves out comes last)
     "dpo": ("ours_dpo", "trl_dpo"),
-    "kto": ("ours_kto", "trl_kto"),
     "cache": ("ours_dpo_cache", "trl_dpo_precompute"),
     "packed": ("ours_hh_packed", "trl_hh_padded"),
+    "kto": ("ours_kto", "trl_kto"),
 }
 SIDES = [side for pair in COMPARISONS.values() for side in pair]
 # issue #24 item 7: (comparison, minimum speed ours/TRL, maximum memory ours/TRL or None)
 TARGETS = (
     ("dpo", 1.0, 1.0),
-    ("kto", 1.0, 1.0),
     ("cache", 1.5, None),
     ("packed", 2.0, None),
+    ("kto", 1.0, 1.0),
 )
 PROFILE_ROWS = 15
 
@@ -318,9 +318,10 @@ def _result(side: str, shape: Shape, batches, times, peak_gib, peak_kind, losses
 # ------------------------------------------------------------------ our side
 
 
-def export_hf(runner, model_config, out_dir: Path) -> None:
+def export_hf(runner, model_config, out_dir: Path, *, dtype: str) -> None:
     """The policy's weights as a Hugging Face folder, through the project's conversion
-    (``mcore_to_hf_state``): what TRL's side loads."""
+    (``mcore_to_hf_state``): what TRL's side loads (``bf16`` runs' weights are bf16
+    values: stored as such, half the bytes, loaded back as float32 exactly)."""
     import json
 
     import torch
@@ -332,11 +333,12 @@ def export_hf(runner, model_config, out_dir: Path) -> None:
 
     own = unwrap(runner.policy[0]).state_dict()
     state = mcore_to_hf_state(own, model_config, spec=spec_of(list(own)))
-    state = {k: v.to(device="cpu", dtype=torch.float32) for k, v in state.items()}
+    stored = torch.bfloat16 if dtype == "bf16" else torch.float32
+    state = {k: v.to(device="cpu", dtype=stored) for k, v in state.items()}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config_from_model(model_config, dtype="float32")
+    config = hf_config_from_model(model_config, dtype=str(stored).removeprefix("torch."))
     # TRL feeds whole rows (seq + 1 tokens; ours drops the last input token)
     config["max_position_embeddings"] = model_config.max_seq_length + 1
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -389,17 +391,38 @@ def _cache_table(runner, stage, batches):
     return table
 
 
+def resident_reference(runner):
+    """A frozen copy of the policy, as ``reference.build_reference`` makes for
+    ``reference.mode=resident``, without saving it as a checkpoint (a run does that once
+    per stage; at the 1B shape it would cost each side seconds of writing)."""
+    from megatron_pwdpo.reference import ResidentReference, unwrap
+    from megatron_pwdpo.training_setup import build_chunks
+
+    chunks = build_chunks(runner.config, wrap_ddp=False)
+    for chunk, policy in zip(chunks, runner.policy, strict=True):
+        chunk.load_state_dict(unwrap(policy).state_dict(), strict=True)
+    return ResidentReference(
+        chunks,
+        forward_backward_func=runner.fb,
+        seq_length=runner.config.data.seq_length,
+        rebatch=runner._micro_batches,
+        is_last_stage=True,
+    )
+
+
 def ours(side: str, shape: Shape, hf_dir: Path | None) -> dict:
     import torch
 
     from megatron_pwdpo.reference import CacheReference
 
     cache = side.endswith("_cache")
-    with session(*overrides(side, shape), reference=not cache) as s:
+    with session(*overrides(side, shape), reference=False) as s:
         runner, stage = s.runner, s.stage
+        if not cache:
+            runner.reference = resident_reference(runner)
         batches = side_batches(side, shape, s.config, s.data)
         if hf_dir is not None and not hf_dir.exists():
-            export_hf(runner, s.config.model, hf_dir)
+            export_hf(runner, s.config.model, hf_dir, dtype=shape.dtype)
         probe = our_probe_logps(runner, probe_rows(batches))
         if cache:
             table = _cache_table(runner, stage, batches)
