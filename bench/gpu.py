@@ -41,8 +41,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
-from pathlib import Path
 
 from common import (
     common_args,
@@ -55,6 +53,7 @@ from common import (
     write_result,
     write_worker_result,
 )
+from gpu_trl import print_trl, run_trl, trl_shape, trl_worker
 
 MODELS = {
     # Llama 3.2 1B's shape (untied here, like our default)
@@ -265,128 +264,6 @@ def summary_rows(r: dict) -> list[list]:
     return rows
 
 
-# ------------------------------------------------------------------ the TRL comparison
-
-
-def trl_shape(args):
-    from gpu_trl import Shape, attention_override, packing_kind
-
-    return Shape(
-        model=MODELS[args.model],
-        seq=args.seq,
-        micro_rows=args.micro,
-        global_rows=args.global_batch,
-        hh_global_pairs=args.hh_pairs,
-        hh_micro=args.hh_micro,
-        hh_trl_micro_pairs=args.hh_trl_micro,
-        warmup=args.trl_warmup,
-        steps=args.trl_steps,
-        dtype=args.dtype,
-        attention=attention_override(args.attention),
-        packing=packing_kind(args.packing),
-    )
-
-
-def trl_worker(args) -> None:
-    """``--worker trl:SIDE[,SIDE...]``: the sides one after another in this process."""
-    from dataclasses import fields
-
-    from gpu_trl import Shape, run_side
-
-    shape = Shape(**{f.name: json.loads(args.shape)[f.name] for f in fields(Shape)})
-    out = {}
-    for side in args.worker.split(":", 1)[1].split(","):
-        try:
-            out[side] = run_side(side, shape, Path(args.hf_dir))
-        except Exception as err:  # noqa: BLE001 - one side's failure is reported, not fatal
-            trace = traceback.format_exc()[-3000:]
-            out[side] = {"side": side, "error": f"{type(err).__name__}: {err}", "trace": trace}
-    write_worker_result(args.json_out, {"sides": out})
-
-
-def run_trl(args, shape, *, deadline: float) -> dict:
-    """Every side of the comparison (each in its own process; the dry run's in one),
-    then the ratios and targets."""
-    import tempfile
-    from dataclasses import asdict
-
-    from gpu_trl import COMPARISONS, SIDES, compare, targets
-
-    wanted = [s for name in args.comparisons.split(",") for s in COMPARISONS[name]]
-    sides = [s for s in SIDES if s in wanted]
-    groups = [sides] if args.cpu_dry_run else [[s] for s in sides]
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="gpu-trl-") as tmp:
-        hf_dir = Path(tmp) / "hf"  # our first side writes it, TRL's sides read it
-        for group in groups:
-            left = deadline - time.monotonic()
-            if left < args.side_min_s:
-                results.update({s: {"side": s, "skipped": "out of the time budget"} for s in group})
-                continue
-            passed = ["--shape", json.dumps(asdict(shape)), "--hf-dir", str(hf_dir)]
-            try:
-                got = run_worker(
-                    "gpu.py", ["--worker", "trl:" + ",".join(group), *passed], timeout=left
-                )
-                results.update(got["sides"])
-            except RuntimeError as err:  # the process died or timed out: say so per side
-                results.update({s: {"side": s, "error": str(err)[-3000:]} for s in group})
-    comparisons = compare(results)
-    return {
-        "shape": asdict(shape),
-        "sides": results,
-        "comparisons": comparisons,
-        "targets": targets(comparisons, results),
-    }
-
-
-def trl_rows(r: dict) -> list[list]:
-    rows = []
-    for name, c in r["comparisons"].items():
-        x, y = r["sides"].get(c["ours"], {}), r["sides"].get(c["trl"], {})
-        if "not_compared" in c:
-            rows.append([name, c["not_compared"][:300], "", "", "", "", "", ""])
-            continue
-        rows.append(
-            [
-                name,
-                f"{x['tokens_per_s']:.0f}",
-                f"{y['tokens_per_s']:.0f}",
-                f"{c['speed_ours_over_trl']:.2f}x",
-                f"{x['peak_gib']:.2f}",
-                f"{y['peak_gib']:.2f}",
-                f"{c.get('memory_ours_over_trl', float('nan')):.2f}x",
-                f"{c['probe_max_rel_diff']:.1e}",
-            ]
-        )
-    return rows
-
-
-TRL_HEADER = [
-    "comparison",
-    "ours tokens/s",
-    "TRL tokens/s",
-    "speed",
-    "ours GiB",
-    "TRL GiB",
-    "memory",
-    "probe logp rel. diff",
-]
-
-
-def target_rows(r: dict) -> list[list]:
-    rows = []
-    for t in r["targets"]:
-        why = "; ".join(t.get("misses", [])) or t.get("why", "")
-        rows.append([t["comparison"], t["target"], t["status"], why])
-    return rows
-
-
-def profile_markdown(profile: list[dict]) -> str:
-    rows = [[p["name"], f"{p['self_ms']:.2f}", f"{p['share']:.1%}", p["calls"]] for p in profile]
-    return table(rows, ["kernel / op", "self ms", "share", "calls"])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_args(parser)
@@ -461,15 +338,6 @@ def precision_runs(args, shape, *, deadline: float) -> dict:
     return runs
 
 
-def print_trl(r: dict) -> None:
-    print(table(trl_rows(r), TRL_HEADER))
-    print(table(target_rows(r), ["comparison", "target", "status", "why"]))
-    for t in r["targets"]:
-        if t.get("profile"):
-            print(f"\nour step's top kernels ({t['comparison']}, target missed):")
-            print(profile_markdown(t["profile"]))
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -498,7 +366,7 @@ def main(argv=None) -> int:
         args.precisions = ",".join(PRECISIONS)
     if args.quick:
         args.model, args.steps, args.warmup = "small", 3, 2
-    shape = trl_shape(args)
+    shape = trl_shape(args, MODELS[args.model])
     runs = precision_runs(args, shape, deadline=deadline)
     result = {
         "model": args.model,
