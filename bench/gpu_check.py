@@ -215,10 +215,16 @@ def part_environment(c: Check) -> dict:
     if code != 0 or line is None:
         raise PartFailed(f"the environment does not import:\n{_tail(output)}")
     c.facts = json.loads(line[len("FACTS ") :])
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    c.facts["git_commit"] = commit.stdout.strip() or None
+    try:  # the device machine's copy of the tree may have no git
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    c.facts["git_commit"] = commit or None
     if not c.args.dry_run and not c.facts["cuda"]:
         raise PartFailed("no CUDA device visible (use --dry-run on a CPU)", c.facts)
     return c.facts
