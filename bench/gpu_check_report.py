@@ -83,8 +83,11 @@ def _bench(result: dict) -> list[str]:
     rows = []
     for name, cmp in trl["comparisons"].items():
         x, y = trl["sides"].get(cmp["ours"], {}), trl["sides"].get(cmp["trl"], {})
-        if "not_compared" in cmp:
-            rows.append([name, cmp["not_compared"][:300], "", "", "", "", "", ""])
+        if "not_compared" in cmp:  # what was measured all the same, and why not the rest
+            ours_rate = f"{x['tokens_per_s']:.0f}" if "tokens_per_s" in x else ""
+            ours_peak = f"{x['peak_gib']:.2f} / -" if "peak_gib" in x else ""
+            why = cmp["not_compared"][:300]
+            rows.append([name, ours_rate, why, "", ours_peak, "", "", ""])
             continue
         rows.append(
             [

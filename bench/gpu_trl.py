@@ -248,8 +248,12 @@ def compare(sides: dict[str, dict]) -> dict:
                 )
             row["trl_weights"] = y.get("weights")
         else:
-            why = [s.get("error") or s.get("skipped") or "not run" for s in (x, y)]
-            row["not_compared"] = "; ".join(f"{n}: {w}" for n, w in zip((a, b), why, strict=True))
+            why = [
+                f"{n}: {s.get('error') or s.get('skipped') or 'not run'}"
+                for n, s in ((a, x), (b, y))
+                if "tokens_per_s" not in s
+            ]
+            row["not_compared"] = "; ".join(why)
         out[name] = row
     return out
 

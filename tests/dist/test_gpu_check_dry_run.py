@@ -61,9 +61,12 @@ def test_the_whole_check_runs_on_cpu_and_writes_one_summary(tmp_path):
     trl = bench["trl"]
     assert set(trl["comparisons"]) == {"dpo", "kto", "cache", "packed"}
     assert trl["shape"]["packing"] == "masked"
-    if importlib.util.find_spec("trl") is None:  # a comparison-only dependency
+    if importlib.util.find_spec("trl") is None:  # a comparison-only dependency ('.[bench]')
         assert all("TRL is not installed" in t["why"] for t in trl["targets"])
         assert all(t["status"] == "not measured" for t in trl["targets"])
+        for c in trl["comparisons"].values():  # our sides still run and report
+            assert trl["sides"][c["ours"]]["tokens_per_s"] > 0
+            assert trl["sides"][c["ours"]]["profile"]
     else:
         for name, c in trl["comparisons"].items():
             assert c["trl_weights"].startswith("converted from ours"), name
