@@ -22,10 +22,17 @@ counts). The peak is the GPU's dense bf16 peak (``--peak-tflops`` overrides; FP8
 are also given against the dense FP8 peak). Measuring needs CUDA; without it the
 script says so and exits 0. ``--cpu-dry-run`` runs the whole pipeline (worker process,
 session, reference timing, FLOP and MFU arithmetic, table) on the CPU in fp32 with a
-tiny model, writing nothing: a check of the script itself where no GPU is lent.
+tiny model, writing nothing unless ``--out`` is given: a check of the script itself
+where no GPU is lent.
 
-    python bench/gpu.py [--model 1b|small] [--seq 2048] [--steps 10]
-    python bench/gpu.py --cpu-dry-run
+``--trl`` adds the comparison with TRL's ``DPOTrainer`` and ``KTOTrainer`` on the same
+GPU, model, token ids and batches (``gpu_trl.py``: resident reference, reference cache
+against ``precompute_ref_log_probs``, packed HH rows against padded), with issue #24's
+targets as pass/miss and, for a miss, the top kernels of one of our steps.
+``--precisions ''`` runs the comparison alone.
+
+    python bench/gpu.py [--model 1b|small] [--seq 2048] [--steps 10] [--trl]
+    python bench/gpu.py --cpu-dry-run [--trl] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from common import (
     write_result,
     write_worker_result,
 )
+from gpu_trl import print_trl, run_trl, trl_shape, trl_worker
 
 MODELS = {
     # Llama 3.2 1B's shape (untied here, like our default)
@@ -172,6 +180,8 @@ def worker(args) -> None:
     ]
     if args.worker != "bf16":
         overrides.append(f"precision.fp8={args.worker}")
+    if args.attention_override:
+        overrides.append(f"model.attention={args.attention_override}")
     steps = args.warmup + args.steps
     with session(*overrides) as s:
         runner, model = s.runner, s.config.model
@@ -233,9 +243,11 @@ def worker(args) -> None:
 def summary_rows(r: dict) -> list[list]:
     rows = []
     base = r["runs"].get("bf16")
+    base = base if base and "tokens_per_s_per_gpu" in base else None
     for name, x in r["runs"].items():
-        if "skipped" in x:
-            rows.append([name, "skipped: " + x["skipped"], "", "", "", "", ""])
+        if "skipped" in x or "error" in x:
+            why = "skipped: " + x["skipped"] if "skipped" in x else "failed (see the JSON)"
+            rows.append([name, why, "", "", "", "", ""])
             continue
         speed = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
         rows.append(
@@ -252,7 +264,7 @@ def summary_rows(r: dict) -> list[list]:
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_args(parser)
     parser.add_argument("--model", choices=sorted(MODELS), default="1b")
@@ -261,32 +273,47 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument(
+        "--precisions", default=None, help=f"comma-separated, '' for none (default {PRECISIONS})"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
-    parser.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)  # fp32: CPU dry run
+    parser.add_argument("--dtype", default=None, help="precision.dtype (bf16; dry run: fp32)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="our model.attention: auto (sdpa where the config has that key), none, or a value",
+    )
+    parser.add_argument("--attention-override", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trl", action="store_true", help="also compare with TRL (gpu_trl.py)")
+    parser.add_argument("--comparisons", default="dpo,kto,cache,packed")
+    parser.add_argument("--trl-warmup", type=int, default=1)
+    parser.add_argument("--trl-steps", type=int, default=4)
+    parser.add_argument("--hh-pairs", type=int, default=64, help="HH pairs per step (packed)")
+    parser.add_argument(
+        "--hh-micro", type=int, default=2, help="packed sequences per micro-batch (TRL: pairs)"
+    )
+    parser.add_argument(
+        "--hh-trl-micro", type=int, default=8, help="TRL's HH pairs per padded micro-batch"
+    )
+    parser.add_argument("--packing", default="auto", help="auto: thd with TE, else masked")
+    parser.add_argument("--budget-s", type=float, default=3600, help="stop starting workers after")
+    parser.add_argument(
+        "--side-min-s", type=float, default=45.0, help="start no worker with less time left"
+    )
+    parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--cpu-dry-run",
         action="store_true",
-        help="check the script on the CPU (fp32, tiny model, bf16 side only); writes nothing",
+        help="check the script on the CPU (fp32, tiny model, bf16 side only); writes only --out",
     )
-    args = parser.parse_args(argv)
-    import torch
+    return parser
 
-    if args.worker:
-        worker(args)
-        return 0
-    if args.cpu_dry_run:
-        args.model, args.seq, args.micro, args.global_batch = "tiny", 128, 2, 4
-        args.steps, args.warmup, args.precisions, args.dtype = 2, 1, "bf16", "fp32"
-        # a 1 GFLOP/s "peak": exercises the MFU arithmetic with percentages far from 0 on any CPU
-        args.peak_tflops = args.peak_tflops or 1e-3
-    elif not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
-        return 0
-    if args.quick:
-        args.model, args.steps, args.warmup = "small", 3, 2
-    runs = {}
-    for precision in args.precisions.split(","):
+
+def precision_runs(args, shape, *, deadline: float) -> dict:
+    """Each precision in its own worker process; a failure is reported, not raised."""
+    runs: dict = {}
+    for precision in filter(None, args.precisions.split(",")):
         why = supported(precision)
         if why:
             runs[precision] = {"skipped": why}
@@ -298,23 +325,75 @@ def main(argv=None) -> int:
         ]  # fmt: skip
         if args.peak_tflops:
             passed += ["--peak-tflops", str(args.peak_tflops)]
-        runs[precision] = run_worker("gpu.py", ["--worker", precision, *passed], timeout=1800)
+        if shape.attention:
+            passed += ["--attention-override", shape.attention]
+        left = min(1800.0, deadline - time.monotonic())
+        if left < args.side_min_s:
+            runs[precision] = {"skipped": "out of the time budget"}
+            continue
+        try:
+            runs[precision] = run_worker("gpu.py", ["--worker", precision, *passed], timeout=left)
+        except RuntimeError as err:  # reported; the other runs and the comparison go on
+            runs[precision] = {"error": str(err)[-3000:]}
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.worker and args.worker.startswith("trl:"):
+        trl_worker(args)
+        return 0
+    if args.worker:
+        worker(args)
+        return 0
+    deadline = time.monotonic() + args.budget_s
+    if args.cpu_dry_run:
+        args.model, args.seq, args.micro, args.global_batch = "tiny", 128, 2, 4
+        args.steps, args.warmup, args.dtype = 2, 1, args.dtype or "fp32"
+        args.precisions = "bf16" if args.precisions is None else args.precisions
+        args.trl_warmup, args.trl_steps, args.hh_pairs, args.hh_micro = 1, 1, 4, 1
+        args.hh_trl_micro, args.side_min_s = 2, 10.0
+        # a 1 GFLOP/s "peak": exercises the MFU arithmetic with percentages far from 0 on any CPU
+        args.peak_tflops = args.peak_tflops or 1e-3
+    elif not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device here; nothing measured (run it on a GPU machine)")
+        return 0
+    args.dtype = args.dtype or "bf16"
+    if args.precisions is None:
+        args.precisions = ",".join(PRECISIONS)
+    if args.quick:
+        args.model, args.steps, args.warmup = "small", 3, 2
+    shape = trl_shape(args, MODELS[args.model])
+    runs = precision_runs(args, shape, deadline=deadline)
     result = {
         "model": args.model,
         "seq_length": args.seq,
         "micro_batch": args.micro,
         "global_batch": args.global_batch,
         "timed_steps": args.steps,
+        "dtype": args.dtype,
+        "attention": shape.attention or "the config's default",
         "runs": runs,
     }
     header = ["precision", "tokens/s/GPU", "vs bf16", "policy MFU", "ref MFU", "step MFU", "GiB"]
-    print(table(summary_rows(result), header))
+    if runs:
+        print(table(summary_rows(result), header))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    if args.cpu_dry_run:
+    if args.trl:
+        result["trl"] = run_trl(args, shape, deadline=deadline)
+        print_trl(result["trl"])
+    failed = [n for n, x in runs.items() if "error" in x]
+    failed += [n for n, x in result.get("trl", {}).get("sides", {}).items() if "error" in x]
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    if args.cpu_dry_run and not args.out:
         print("cpu dry run: the pipeline works; nothing measured, nothing written")
-        return 0
+        return 1 if failed else 0
     print(f"wrote {write_result('gpu', result, args.out)}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

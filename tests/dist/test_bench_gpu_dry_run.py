@@ -3,10 +3,7 @@ training session, reference-forward timing, FLOP and MFU arithmetic, table) on t
 in fp32, so a change elsewhere that breaks the script shows here, where no GPU runs it."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
