@@ -192,18 +192,15 @@ def use_distributed_optimizer(setting: bool | str, *, data_parallel: int) -> boo
     return bool(setting)
 
 
-def token_multiple(
-    *, tensor_parallel: int, sequence_parallel: bool, fp8: str | None, micro_batch_size: int = 1
-) -> int:
+def token_multiple(*, tensor_parallel: int, sequence_parallel: bool, fp8: str | None) -> int:
     """The multiple every micro-batch width (positions per sequence) is padded to.
 
     16 for the GEMMs' alignment; with sequence parallelism the ``[s, b, h]`` activations
     are split along ``s`` over the tensor-parallel ranks, so ``s`` must divide by TP;
     Transformer Engine's FP8 GEMMs need each rank's token count (``s * b / TP``) divisible
-    by 8 (MXFP8: 32, its block size). ``micro_batch_size`` (``b``) is taken at 1, the
-    worst case, so the rule does not depend on how full a micro-batch is.
+    by 8 (MXFP8: 32, its block size). The rule takes ``b`` at 1, the worst case, so it
+    does not depend on how full a micro-batch is.
     """
-    del micro_batch_size  # the bound holds for any b >= 1
     multiple = 16
     if sequence_parallel:
         multiple = math.lcm(multiple, tensor_parallel)
@@ -284,8 +281,8 @@ def refusal(config, platform: Platform) -> str | None:
         why = (
             "Transformer Engine's fused attention ignores a block-diagonal mask"
             if d.packing == "masked"
-            else "megatron-core's local layer spec refuses PackedSeqParams (it needs "
-            "Transformer Engine's attention)"
+            else "THD rows (PackedSeqParams) need Transformer Engine's attention, and this "
+            f"run's is {plan.attention}"
         )
         return f"data.packing={d.packing} is not possible {where}: {why}; use data.packing={other}"
     if p.sequence_parallel and plan.layer_spec != "te":
