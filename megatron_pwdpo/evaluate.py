@@ -8,15 +8,36 @@ policy; use ``data.hh_mode=paired`` so that pairs exist even for methods trained
 unpaired rows):
 
 * the implicit reward ``r = beta (logp - ref_logp) + log_z`` of every row, with
-  ``loss.beta``/``loss.logp_reduction``/``loss.log_z`` of the config;
+  ``loss.beta``/``loss.log_z`` of the config and ``logp`` reduced over the response as
+  the run trained it (``loss.logp_reduction``: ``sum`` or token ``mean``; ``reduction``
+  in the output says which);
 * ``pair_accuracy`` (``r_chosen > r_rejected``, a tie counts half) and ``pair_margin``
-  (mean ``r_chosen - r_rejected``) over held-out pairs (ids ``<pair>-c`` / ``<pair>-r``);
+  (mean ``r_chosen - r_rejected``) over held-out pairs (ids ``<pair>-c`` / ``<pair>-r``),
+  and the pair accuracy under both reductions (``pair_accuracy_sum``,
+  ``pair_accuracy_mean``): a summed reward favours short responses by construction;
+* ``pair_accuracy_chosen_shorter`` / ``pair_accuracy_chosen_longer``: the pair accuracy
+  within the pairs whose chosen response has fewer / more response tokens than the
+  rejected one (equal lengths are in neither), and ``margin_length_spearman``, the rank
+  correlation of the margin with ``tokens_chosen - tokens_rejected``;
 * ``accuracy``: point-wise, ``sign(r)`` agrees with ``label > 0.5`` (a tie counts half);
+* ``loss``: the run's own loss (``loss.name``) on the held-out rows, the number the
+  training loop logs as its eval loss (``None`` for ``kto``, whose loss needs a batch KL
+  estimate);
 * ``nll`` / ``ppl``: per-token negative log-likelihood of the held-out chosen
   (desirable) responses under the policy (total NLL over total response tokens, eos
   included) and its exponential;
 * ``spearman``: rank correlation between rewards and labels (meaningful for continuous
   labels, e.g. the red-team source).
+
+Uncertainty: every accuracy and the margin come with a 95% percentile-bootstrap interval
+(``*_ci95``: ``[lo, hi]``; :data:`BOOTSTRAP_RESAMPLES` resamples of the pairs, or of the
+rows for ``accuracy``, drawn with seed :data:`BOOTSTRAP_SEED`; the same resamples for
+every policy). Beside the policies, the output holds ``length_baselines`` (on the same
+pairs: ``shorter_wins`` / ``longer_wins``, the pair accuracy of "the response with fewer
+/ more response tokens is chosen", ties half, with intervals, and the pair counts of each
+stratum), ``paired_differences`` (for every two policies ``"a - b"``: the difference of
+their pair accuracies with a paired-bootstrap interval over the same pairs, and the
+share of resamples in which it is <= 0) and ``bootstrap`` (resamples, seed, method).
 
 It runs at the config's tensor and pipeline parallel sizes (checkpoints load at any
 layout), one process or many: ``torchrun --nproc-per-node 8 -m megatron_pwdpo.cli eval
@@ -29,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -65,35 +87,187 @@ def _agreement(score: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.where(positive, sign, -sign))
 
 
-def reward_metrics(
-    ids: list[str],
-    labels: np.ndarray,
-    rewards: np.ndarray,
-) -> dict[str, float]:
-    """Pairwise and point-wise metrics of per-row implicit rewards (module docstring)."""
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+RESERVED_KEYS = ("length_baselines", "paired_differences", "bootstrap")
+
+
+def bootstrap_indices(n: int, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED):
+    """``[resamples, n]`` indices drawn with replacement (the same for a given ``n``)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def ci95(values: np.ndarray, indices: np.ndarray | None = None) -> list[float] | None:
+    """Percentile-bootstrap 95% interval ``[lo, hi]`` of ``values.mean()``; ``None`` if empty.
+
+    Args:
+        values: ``[n]`` per-item values (a 0/0.5/1 correctness, a margin, a difference).
+        indices: ``[B, n]`` resample indices (:func:`bootstrap_indices` if ``None``).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return None
+    idx = bootstrap_indices(values.size) if indices is None else indices
+    means = values[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def find_pairs(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices ``(chosen [p], rejected [p])`` of the pairs ``<pair>-c`` / ``<pair>-r``."""
     index = {row_id: i for i, row_id in enumerate(ids)}
     pairs = [
         (i, index[row_id[:-2] + "-r"])
         for i, row_id in enumerate(ids)
         if row_id.endswith("-c") and row_id[:-2] + "-r" in index
     ]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    chosen, rejected = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
+    return chosen, rejected
+
+
+def pair_correct(margin: np.ndarray) -> np.ndarray:
+    """``[p]`` 1 where the chosen response scores higher, 0 where lower, 0.5 on a tie."""
+    return _agreement(margin, np.ones(len(margin), bool))
+
+
+def length_baselines(ids: list[str], tokens: np.ndarray) -> dict[str, object]:
+    """The length-only rules on the held-out pairs (module docstring), with intervals."""
+    chosen, rejected = find_pairs(ids)
+    diff = tokens[chosen] - tokens[rejected]  # > 0: chosen is longer
+    shorter = pair_correct(-diff)  # "the shorter response is chosen"
+    longer = pair_correct(diff)
+    return {
+        "pairs": len(chosen),
+        "shorter_wins": float(shorter.mean()) if len(chosen) else None,
+        "shorter_wins_ci95": ci95(shorter),
+        "longer_wins": float(longer.mean()) if len(chosen) else None,
+        "longer_wins_ci95": ci95(longer),
+        "chosen_shorter_pairs": int((diff < 0).sum()),
+        "chosen_longer_pairs": int((diff > 0).sum()),
+        "equal_length_pairs": int((diff == 0).sum()),
+    }
+
+
+def reward_metrics(
+    ids: list[str],
+    labels: np.ndarray,
+    rewards: np.ndarray,
+    *,
+    tokens: np.ndarray | None = None,
+    other_rewards: dict[str, np.ndarray] | None = None,
+) -> dict[str, object]:
+    """Pairwise and point-wise metrics of per-row implicit rewards (module docstring).
+
+    Args:
+        ids: ``[n]`` row ids (pairs are ``<pair>-c`` / ``<pair>-r``).
+        labels: ``[n]`` labels in [0, 1].
+        rewards: ``[n]`` implicit rewards under the run's reduction.
+        tokens: ``[n]`` response tokens per row: adds the length strata.
+        other_rewards: ``{suffix: [n] rewards}``, e.g. ``{"sum": ..., "mean": ...}``: adds
+            ``pair_accuracy_<suffix>`` (and its interval) for each.
+    """
+    chosen, rejected = find_pairs(ids)
     rho = spearman(rewards, labels)
+    point = _agreement(rewards, labels > 0.5)
     out = {
-        "accuracy": float(_agreement(rewards, labels > 0.5).mean()),
+        "accuracy": float(point.mean()),
+        "accuracy_ci95": ci95(point),
         "reward_desirable": float(rewards[labels > 0.5].mean()) if (labels > 0.5).any() else None,
         "reward_undesirable": float(rewards[labels <= 0.5].mean())
         if (labels <= 0.5).any()
         else None,
         "spearman": rho if np.isfinite(rho) else None,  # None: constant rewards (policy = ref)
         "rows": len(ids),
-        "pairs": len(pairs),
+        "pairs": len(chosen),
     }
-    if pairs:
-        chosen, rejected = (np.array(side) for side in zip(*pairs, strict=True))
-        margin = rewards[chosen] - rewards[rejected]
-        out["pair_accuracy"] = float(_agreement(margin, np.ones(len(margin), bool)).mean())
-        out["pair_margin"] = float(margin.mean())
+    if not len(chosen):
+        return out
+    idx = bootstrap_indices(len(chosen))
+    margin = rewards[chosen] - rewards[rejected]
+    correct = pair_correct(margin)
+    out["pair_accuracy"] = float(correct.mean())
+    out["pair_accuracy_ci95"] = ci95(correct, idx)
+    out["pair_margin"] = float(margin.mean())
+    out["pair_margin_ci95"] = ci95(margin, idx)
+    for suffix, other in (other_rewards or {}).items():
+        other_correct = pair_correct(other[chosen] - other[rejected])
+        out[f"pair_accuracy_{suffix}"] = float(other_correct.mean())
+        out[f"pair_accuracy_{suffix}_ci95"] = ci95(other_correct, idx)
+    if tokens is not None:
+        diff = tokens[chosen] - tokens[rejected]
+        for name, stratum in (("chosen_shorter", diff < 0), ("chosen_longer", diff > 0)):
+            kept = correct[stratum]
+            out[f"pair_accuracy_{name}"] = float(kept.mean()) if kept.size else None
+            out[f"pair_accuracy_{name}_ci95"] = ci95(kept)
+        rho_len = spearman(margin, diff)
+        out["margin_length_spearman"] = rho_len if np.isfinite(rho_len) else None
     return out
+
+
+def paired_differences(
+    ids: list[str], rewards: dict[str, np.ndarray]
+) -> dict[str, dict[str, object]]:
+    """``{"a - b": difference of pair accuracy, its paired-bootstrap interval, and the
+    share of resamples with a difference <= 0}`` for every two policies (same pairs)."""
+    chosen, rejected = find_pairs(ids)
+    if not len(chosen):
+        return {}
+    idx = bootstrap_indices(len(chosen))
+    correct = {k: pair_correct(r[chosen] - r[rejected]) for k, r in rewards.items()}
+    out = {}
+    for a, b in combinations(rewards, 2):
+        diff = correct[a] - correct[b]  # [p] per pair, in {-1, -0.5, 0, 0.5, 1}
+        means = diff[idx].mean(axis=1)
+        out[f"{a} - {b}"] = {
+            "pair_accuracy": float(diff.mean()),
+            "pair_accuracy_ci95": ci95(diff, idx),
+            "p_le_0": float((means <= 0).mean()),
+        }
+    return out
+
+
+def held_out_loss(
+    loss_config, logps: np.ndarray, ref_logps: np.ndarray, labels: np.ndarray, ids: list[str]
+) -> float | None:
+    """Mean per-row (per-pair for ``dpo``/``ipo``) loss of ``loss.name`` on the held-out
+    rows, from the log-probs under the run's reduction: the training loop's eval loss.
+    ``None`` for ``kto`` (batch KL point), ``unlikelihood`` (token-wise term) and ``sft``
+    (trained on demonstrations only, always token-mean; see ``nll``)."""
+    import torch
+
+    from megatron_pwdpo import losses
+
+    cfg = loss_config
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    z, beta = t(labels), cfg.beta
+    if cfg.name == "pointwise_dpo":
+        per_row, _ = losses.pointwise_dpo_loss(
+            t(logps), t(ref_logps), z, beta=beta, mode=cfg.mode, log_z=cfg.log_z
+        )
+    elif cfg.name == "ulma":
+        per_row, _ = losses.ulma_loss(
+            t(logps),
+            t(ref_logps),
+            z,
+            beta=beta,
+            sft_weight=cfg.sft_weight,
+            log_z=cfg.log_z,
+            mode=cfg.mode,
+        )
+    elif cfg.name in ("dpo", "ipo"):
+        c, r = find_pairs(ids)
+        if not len(c):
+            return None
+        args = (t(logps[c]), t(ref_logps[c]), t(logps[r]), t(ref_logps[r]))
+        if cfg.name == "ipo":
+            per_row, _ = losses.ipo_loss(*args, beta=beta)
+        else:
+            per_row, _ = losses.dpo_loss(*args, beta=beta, label_smoothing=cfg.label_smoothing)
+    else:
+        return None
+    return float(per_row.mean())
 
 
 def _check_checkpoints(config: RunConfig, *, reference: str, policies: dict[str, str]) -> None:
@@ -115,16 +289,16 @@ def _check_checkpoints(config: RunConfig, *, reference: str, policies: dict[str,
             raise ConfigError(f"{flag}: {err}") from None
 
 
-def evaluate(
-    config: RunConfig, *, reference: str, policies: dict[str, str]
-) -> dict[str, dict[str, float]]:
+def evaluate(config: RunConfig, *, reference: str, policies: dict[str, str]) -> dict[str, object]:
     """Metrics of every policy checkpoint on ``config``'s held-out rows, at the config's
     TP/PP layout with the remaining ranks as data-parallel replicas (any layout gives the
     same numbers; see ``row_logps``). The model is built once: the reference's log-probs
     first, then each policy's weights are loaded into it in turn.
 
     Returns:
-        ``{policy name: metrics}`` on global rank 0; ``{}`` on the other ranks.
+        ``{policy name: metrics, "length_baselines": ..., "paired_differences": ...,
+        "bootstrap": ...}`` (see :func:`score_policies`) on global rank 0; ``{}`` on the
+        other ranks.
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
@@ -162,7 +336,7 @@ def evaluate(
                 layout,
                 pad_id=data.tokenizer.pad_id,
                 micro_batch_size=config.train.micro_batch_size,
-                reduction="sum",
+                reduction="sum",  # the token mean is derived below, exactly
                 seq_length=config.data.seq_length,
             )
             return None if out is None else out.double().cpu().numpy()
@@ -171,22 +345,79 @@ def evaluate(
         policy_logps = {name: logps_of(path) for name, path in policies.items()}
         if world.rank != 0:
             return {}
-        ids = [r.id for r in rows]
-        labels = np.array([r.label for r in rows], dtype=np.float64)
-        tokens = np.array([r.input_ids.size - r.prompt_len for r in rows], dtype=np.float64)
-        chosen = labels > 0.5
-        loss = config.loss
-        results = {}
-        for name, logps in policy_logps.items():
-            rewards = loss.beta * (logps - ref_logps) + loss.log_z
-            metrics = reward_metrics(ids, labels, rewards)
-            nll = float(-logps[chosen].sum() / tokens[chosen].sum()) if chosen.any() else None
-            metrics["nll"] = nll
-            metrics["ppl"] = float(np.exp(nll)) if nll is not None else None
-            results[name] = metrics
-        return results
+        return score_policies(config.loss, rows, ref_logps, policy_logps)
     finally:
         distributed.shutdown()
+
+
+def score_policies(
+    loss, rows, ref_sums: np.ndarray, policy_sums: dict[str, np.ndarray]
+) -> dict[str, object]:
+    """The eval output (module docstring) from summed response log-probs ``[n]``.
+
+    The token mean is ``sum / tokens`` with ``tokens`` the row's response targets (eos
+    included), what :func:`megatron_pwdpo.logprobs.sequence_logps` divides by.
+    """
+    ids = [r.id for r in rows]
+    labels = np.array([r.label for r in rows], dtype=np.float64)
+    tokens = np.array([r.input_ids.size - r.prompt_len for r in rows], dtype=np.float64)
+    chosen = labels > 0.5
+
+    def reduce(sums: np.ndarray, reduction: str) -> np.ndarray:
+        return sums if reduction == "sum" else sums / np.maximum(tokens, 1.0)
+
+    def rewards(sums: np.ndarray, reduction: str) -> np.ndarray:
+        return loss.beta * (reduce(sums, reduction) - reduce(ref_sums, reduction)) + loss.log_z
+
+    results: dict[str, object] = {}
+    run_rewards = {}
+    for name, sums in policy_sums.items():
+        run_rewards[name] = rewards(sums, loss.logp_reduction)
+        both = {red: rewards(sums, red) for red in ("sum", "mean")}
+        metrics = reward_metrics(ids, labels, run_rewards[name], tokens=tokens, other_rewards=both)
+        metrics["reduction"] = loss.logp_reduction
+        logps = reduce(sums, loss.logp_reduction)
+        ref = reduce(ref_sums, loss.logp_reduction)
+        metrics["loss"] = held_out_loss(loss, logps, ref, labels, ids)
+        nll = float(-sums[chosen].sum() / tokens[chosen].sum()) if chosen.any() else None
+        metrics["nll"] = nll
+        metrics["ppl"] = float(np.exp(nll)) if nll is not None else None
+        results[name] = metrics
+    results["length_baselines"] = length_baselines(ids, tokens)
+    results["paired_differences"] = paired_differences(ids, run_rewards)
+    results["bootstrap"] = {
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "seed": BOOTSTRAP_SEED,
+        "method": "percentile, 95%, pairs (rows for accuracy) resampled with replacement",
+    }
+    return results
+
+
+def summary_lines(results: dict[str, object]) -> list[str]:
+    """A few readable lines: pair accuracy with its interval per policy, the length rules."""
+
+    def cell(value, interval) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+    lines = []
+    for name, m in results.items():
+        if name in RESERVED_KEYS or "pair_accuracy" not in m:
+            continue
+        lines.append(
+            f"{name}: pair accuracy ({m['reduction']}) "
+            f"{cell(m['pair_accuracy'], m['pair_accuracy_ci95'])}, point-wise "
+            f"{cell(m['accuracy'], m['accuracy_ci95'])}, margin {m['pair_margin']:+.4f}"
+        )
+    lb = results.get("length_baselines") or {}
+    if lb.get("pairs"):
+        lines.append(
+            f"length only, {lb['pairs']} pairs: shorter wins "
+            f"{cell(lb['shorter_wins'], lb['shorter_wins_ci95'])}, longer wins "
+            f"{cell(lb['longer_wins'], lb['longer_wins_ci95'])}"
+        )
+    return lines
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -198,6 +429,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--policy {item!r}: expected NAME=CHECKPOINT")
+        if name in RESERVED_KEYS:
+            raise ConfigError(f"--policy {item!r}: {name!r} is a reserved output key")
         policies[name] = path
     results = evaluate(config, reference=str(args.reference), policies=policies)
     if results:  # global rank 0
@@ -205,6 +438,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.out is not None:
             Path(args.out).write_text(text + "\n")
         print(text)
+        print("\n".join(summary_lines(results)))
     return 0
 
 
