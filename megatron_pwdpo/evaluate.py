@@ -37,7 +37,8 @@ pairs: ``shorter_wins`` / ``longer_wins``, the pair accuracy of "the response wi
 / more response tokens is chosen", ties half, with intervals, and the pair counts of each
 stratum), ``paired_differences`` (for every two policies ``"a - b"``: the difference of
 their pair accuracies with a paired-bootstrap interval over the same pairs, and the
-share of resamples in which it is <= 0) and ``bootstrap`` (resamples, seed, method).
+share of resamples in which it is <= 0; also every policy against each length rule)
+and ``bootstrap`` (resamples, seed, method).
 
 It runs at the config's tensor and pipeline parallel sizes (checkpoints load at any
 layout), one process or many: ``torchrun --nproc-per-node 8 -m megatron_pwdpo.cli eval
@@ -207,22 +208,34 @@ def reward_metrics(
 
 
 def paired_differences(
-    ids: list[str], rewards: dict[str, np.ndarray]
+    ids: list[str], rewards: dict[str, np.ndarray], tokens: np.ndarray | None = None
 ) -> dict[str, dict[str, object]]:
-    """``{"a - b": difference of pair accuracy, its paired-bootstrap interval, and the
-    share of resamples with a difference <= 0}`` for every two policies (same pairs)."""
+    """Pair-accuracy differences over the same pairs, with paired-bootstrap intervals.
+
+    ``{"a - b": {"pair_accuracy": mean difference, "pair_accuracy_ci95": [lo, hi],
+    "p_le_0": share of resamples with a difference <= 0}}`` for every two policies and,
+    with ``tokens``, for every policy against the length rules ``shorter_wins`` and
+    ``longer_wins`` (scores ``-tokens`` and ``tokens``).
+    """
     chosen, rejected = find_pairs(ids)
     if not len(chosen):
         return {}
     idx = bootstrap_indices(len(chosen))
     correct = {k: pair_correct(r[chosen] - r[rejected]) for k, r in rewards.items()}
+    comparisons = list(combinations(rewards, 2))
+    if tokens is not None:
+        diff_len = tokens[chosen] - tokens[rejected]
+        correct["shorter_wins"] = pair_correct(-diff_len)
+        correct["longer_wins"] = pair_correct(diff_len)
+        comparisons += [(a, rule) for a in rewards for rule in ("shorter_wins", "longer_wins")]
     out = {}
-    for a, b in combinations(rewards, 2):
+    for a, b in comparisons:
         diff = correct[a] - correct[b]  # [p] per pair, in {-1, -0.5, 0, 0.5, 1}
         means = diff[idx].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
         out[f"{a} - {b}"] = {
             "pair_accuracy": float(diff.mean()),
-            "pair_accuracy_ci95": ci95(diff, idx),
+            "pair_accuracy_ci95": [float(lo), float(hi)],
             "p_le_0": float((means <= 0).mean()),
         }
     return out
@@ -384,7 +397,7 @@ def score_policies(
         metrics["ppl"] = float(np.exp(nll)) if nll is not None else None
         results[name] = metrics
     results["length_baselines"] = length_baselines(ids, tokens)
-    results["paired_differences"] = paired_differences(ids, run_rewards)
+    results["paired_differences"] = paired_differences(ids, run_rewards, tokens)
     results["bootstrap"] = {
         "resamples": BOOTSTRAP_RESAMPLES,
         "seed": BOOTSTRAP_SEED,

@@ -73,6 +73,7 @@ def test_each_reduction_matches_its_training_loss(runs, tmp_path):
     for name in ("sum", "mean"):
         lo, hi = by_sum[name]["pair_accuracy_ci95"]
         assert lo <= by_sum[name]["pair_accuracy"] <= hi and hi - lo > 0
-    assert set(by_sum["paired_differences"]) == {"sum - mean"}
+    rules = {f"{p} - {r}" for p in ("sum", "mean") for r in ("shorter_wins", "longer_wins")}
+    assert set(by_sum["paired_differences"]) == {"sum - mean", *rules}
     assert by_sum["bootstrap"]["resamples"] >= 1000
     assert "shorter wins" in printed and "pair accuracy (sum)" in printed

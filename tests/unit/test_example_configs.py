@@ -122,3 +122,23 @@ def test_every_run_of_the_paper_experiment_validates_on_8_gpus(tmp_path, on_an_h
     assert exp["nproc"] == 8 and tree["precision"]["dtype"] == "bf16"
     with pytest.raises(ConfigError, match="world size 4"):  # TP=8 cannot run on 4 ranks
         _check_experiment(paper, tmp_path, ["experiment.nproc=4"])
+
+
+def test_the_official_preset_is_the_experiments_official_ulma():
+    """examples/reproduce/official.yaml (the ULMA authors' recipe) validates on CPU and
+    holds exactly the loss that the experiment's official_ulma row trains with."""
+    from megatron_pwdpo.experiment import OFFICIAL_LOSS
+
+    path = EXAMPLES / "reproduce" / "official.yaml"
+    config = load_config(path)
+    validate(config, world_size=1)
+    loss = yaml.safe_load(path.read_text())["loss"]
+    assert loss == OFFICIAL_LOSS["official_ulma"]
+    assert config.data.hh_mode == "paired" and config.data.demo_chosen
+    assert config.train.sft_steps == 0  # from the base model, no SFT stage
+    # the file's DPO line gives the experiment's official_dpo
+    dpo = load_config(
+        path, ["loss.name=dpo", "loss.logp_reduction=sum", "loss.normalization=global_mean"]
+    )
+    for key, value in OFFICIAL_LOSS["official_dpo"].items():
+        assert getattr(dpo.loss, key) == value

@@ -603,3 +603,27 @@ def test_losses_module_imports_no_distributed_or_megatron():
             names.append(node.module or "")
     assert names, "the AST walk found no imports"
     assert not [n for n in names if n.startswith(("torch.distributed", "megatron"))]
+
+
+def test_step_feeds_unlikelihood_its_token_wise_term():
+    """The training step's loss_func hands the unlikelihood objective ``log(1 - p_t)``
+    reduced as ``logp`` is (config -> make_objective -> loss_func), and reports metrics."""
+    from megatron_pwdpo.config import LossConfig
+    from megatron_pwdpo.step import loss_func, make_objective, metric_names
+
+    token_logps, mask = _token_inputs(seed=62)
+    label = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=F64)
+    batch = {
+        "loss_mask": mask,
+        "label": label,
+        "weight": torch.full((4,), 0.25, dtype=F64),
+        "ref_logps": torch.zeros(4, dtype=F64),
+    }
+    for reduction in ("sum", "mean"):
+        objective = make_objective(LossConfig(name="unlikelihood", logp_reduction=reduction))
+        loss, report = loss_func(
+            token_logps, batch=batch, objective=objective, reduction=reduction, grad_scale=1.0
+        )
+        expected = naive_unlikelihood(token_logps, mask, label, reduction).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+        assert set(report) == set(metric_names(objective))
