@@ -184,6 +184,8 @@ def eval_groups(exp: dict[str, Any], tree: dict[str, Any]) -> dict[str, dict[str
                 f"loss.logp_reduction={reduction}",
                 f"loss.name={OFFICIAL_LOSS[official[0]]['name']}",
             ]
+            if reduction == "mean":  # the reference itself: its NLL, rewards 0
+                official = ["base", *official]
             groups[f"official_{reduction}"] = {
                 "reference": "base",
                 "policies": official,

@@ -66,7 +66,8 @@ def test_experiment_tiny_budget(tmp_path):
     assert lengths["pairs"] == policies["kto"]["pairs"]
     for method, m in policies.items():
         assert np.isfinite(m["nll"])
-        want = "mean" if method in OFFICIAL and method != "official_dpo" else "sum"
+        official_mean = method == "base" or method in OFFICIAL and method != "official_dpo"
+        want = "mean" if official_mean else "sum"
         assert m["reduction"] == want, method
         if method not in ("sft", "base"):
             lo, hi = m["pair_accuracy_ci95"]
