@@ -61,15 +61,14 @@ def test_layouts_give_the_one_process_metrics(layout, trained, one_process, tmp_
 
 
 def _assert_close(got, want, *, where):
-    """Equal structure; floats to 1e-5 (intervals, length rules and differences too)."""
+    """Equal structure; floats to 1e-5 (intervals to 1e-4 / 1e-5 absolute)."""
     if isinstance(want, dict):
         assert got.keys() == want.keys(), where
         for key in want:
             _assert_close(got[key], want[key], where=(*where, key))
-    elif isinstance(want, list):
+    elif isinstance(want, list):  # an interval: percentiles of resampled float32 margins
         assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_close(g, w, where=(*where, i))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), where
     elif want is None or isinstance(want, (int, str, bool)):
         assert got == want, where
     else:
