@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key."""
 
 
-LossName = Literal["pointwise_dpo", "ulma", "dpo", "ipo", "kto", "sft"]
+LossName = Literal["pointwise_dpo", "ulma", "dpo", "ipo", "kto", "sft", "unlikelihood"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,16 @@ class LossConfig:
     Attributes:
         name: the loss: ``pointwise_dpo`` (point-wise DPO on rows labelled in [0, 1]),
             ``ulma`` (maximum likelihood on demonstrations, point-wise DPO on the other
-            rows), ``dpo`` or ``ipo`` (pairwise; need chosen/rejected pairs), ``kto``, or
-            ``sft`` (maximum likelihood only; no reference model).
+            rows), ``dpo`` or ``ipo`` (pairwise; need chosen/rejected pairs), ``kto``,
+            ``sft`` (maximum likelihood only; no reference model), or ``unlikelihood``
+            (maximum likelihood on desirable rows, ``log(1 - p)`` of every token of the
+            undesirable ones; the reference only feeds the logged reward metrics).
         beta: inverse temperature of the implicit reward ``r = beta (logp - ref_logp)``.
         mode: ``pointwise_dpo`` variant: ``bce`` (binary/soft labels, cross-entropy) or
-            ``mse`` (the reward regressed on the label).
+            ``mse`` (the reward regressed on the label, every row: this project's
+            extension); ``ulma`` variant: ``bce`` (the paper's) or ``mse`` (the ULMA
+            authors' continuous hybrid: ``(z - r)^2`` only on rows whose label is not 1,
+            the SFT term on label-1 rows).
         log_z: log-partition constant added to the reward (``pointwise_dpo``, ``ulma``).
         logp_reduction: ``sum`` or ``mean`` of token log-probs over the response.
         sft_weight: ULMA's weight of the demonstration (SFT) term.

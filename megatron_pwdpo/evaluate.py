@@ -8,15 +8,37 @@ policy; use ``data.hh_mode=paired`` so that pairs exist even for methods trained
 unpaired rows):
 
 * the implicit reward ``r = beta (logp - ref_logp) + log_z`` of every row, with
-  ``loss.beta``/``loss.logp_reduction``/``loss.log_z`` of the config;
+  ``loss.beta``/``loss.log_z`` of the config and ``logp`` reduced over the response as
+  the run trained it (``loss.logp_reduction``: ``sum`` or token ``mean``; ``reduction``
+  in the output says which);
 * ``pair_accuracy`` (``r_chosen > r_rejected``, a tie counts half) and ``pair_margin``
-  (mean ``r_chosen - r_rejected``) over held-out pairs (ids ``<pair>-c`` / ``<pair>-r``);
+  (mean ``r_chosen - r_rejected``) over held-out pairs (ids ``<pair>-c`` / ``<pair>-r``),
+  and the pair accuracy under both reductions (``pair_accuracy_sum``,
+  ``pair_accuracy_mean``): a summed reward favours short responses by construction;
+* ``pair_accuracy_chosen_shorter`` / ``pair_accuracy_chosen_longer``: the pair accuracy
+  within the pairs whose chosen response has fewer / more response tokens than the
+  rejected one (equal lengths are in neither), and ``margin_length_spearman``, the rank
+  correlation of the margin with ``tokens_chosen - tokens_rejected``;
 * ``accuracy``: point-wise, ``sign(r)`` agrees with ``label > 0.5`` (a tie counts half);
+* ``loss``: the run's own loss (``loss.name``) on the held-out rows, the number the
+  training loop logs as its eval loss (``None`` for ``kto``, whose loss needs a batch KL
+  estimate);
 * ``nll`` / ``ppl``: per-token negative log-likelihood of the held-out chosen
   (desirable) responses under the policy (total NLL over total response tokens, eos
   included) and its exponential;
 * ``spearman``: rank correlation between rewards and labels (meaningful for continuous
   labels, e.g. the red-team source).
+
+Uncertainty: every accuracy and the margin come with a 95% percentile-bootstrap interval
+(``*_ci95``: ``[lo, hi]``; :data:`BOOTSTRAP_RESAMPLES` resamples of the pairs, or of the
+rows for ``accuracy``, drawn with seed :data:`BOOTSTRAP_SEED`; the same resamples for
+every policy). Beside the policies, the output holds ``length_baselines`` (on the same
+pairs: ``shorter_wins`` / ``longer_wins``, the pair accuracy of "the response with fewer
+/ more response tokens is chosen", ties half, with intervals, and the pair counts of each
+stratum), ``paired_differences`` (for every two policies ``"a - b"``: the difference of
+their pair accuracies with a paired-bootstrap interval over the same pairs, and the
+share of resamples in which it is <= 0; also every policy against each length rule)
+and ``bootstrap`` (resamples, seed, method).
 
 It runs at the config's tensor and pipeline parallel sizes (checkpoints load at any
 layout), one process or many: ``torchrun --nproc-per-node 8 -m megatron_pwdpo.cli eval
@@ -34,66 +56,61 @@ from pathlib import Path
 import numpy as np
 
 from megatron_pwdpo.config import RunConfig
+from megatron_pwdpo.eval_stats import (  # noqa: F401  (re-exported: the eval API)
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    ci95,
+    find_pairs,
+    length_baselines,
+    paired_differences,
+    rankdata,
+    reward_metrics,
+    spearman,
+)
+
+RESERVED_KEYS = ("length_baselines", "paired_differences", "bootstrap")
 
 
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties get their average rank (as ``scipy.stats.rankdata``)."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return ranks
+def held_out_loss(
+    loss_config, logps: np.ndarray, ref_logps: np.ndarray, labels: np.ndarray, ids: list[str]
+) -> float | None:
+    """Mean per-row (per-pair for ``dpo``/``ipo``) loss of ``loss.name`` on the held-out
+    rows, from the log-probs under the run's reduction: the training loop's eval loss.
+    ``None`` for ``kto`` (batch KL point), ``unlikelihood`` (token-wise term) and ``sft``
+    (trained on demonstrations only, always token-mean; see ``nll``)."""
+    import torch
 
+    from megatron_pwdpo import losses
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN if either is constant."""
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float(np.sqrt((rx**2).sum() * (ry**2).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
-def _agreement(score: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    sign = np.sign(score)
-    return 0.5 * (1.0 + np.where(positive, sign, -sign))
-
-
-def reward_metrics(
-    ids: list[str],
-    labels: np.ndarray,
-    rewards: np.ndarray,
-) -> dict[str, float]:
-    """Pairwise and point-wise metrics of per-row implicit rewards (module docstring)."""
-    index = {row_id: i for i, row_id in enumerate(ids)}
-    pairs = [
-        (i, index[row_id[:-2] + "-r"])
-        for i, row_id in enumerate(ids)
-        if row_id.endswith("-c") and row_id[:-2] + "-r" in index
-    ]
-    rho = spearman(rewards, labels)
-    out = {
-        "accuracy": float(_agreement(rewards, labels > 0.5).mean()),
-        "reward_desirable": float(rewards[labels > 0.5].mean()) if (labels > 0.5).any() else None,
-        "reward_undesirable": float(rewards[labels <= 0.5].mean())
-        if (labels <= 0.5).any()
-        else None,
-        "spearman": rho if np.isfinite(rho) else None,  # None: constant rewards (policy = ref)
-        "rows": len(ids),
-        "pairs": len(pairs),
-    }
-    if pairs:
-        chosen, rejected = (np.array(side) for side in zip(*pairs, strict=True))
-        margin = rewards[chosen] - rewards[rejected]
-        out["pair_accuracy"] = float(_agreement(margin, np.ones(len(margin), bool)).mean())
-        out["pair_margin"] = float(margin.mean())
-    return out
+    cfg = loss_config
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    z, beta = t(labels), cfg.beta
+    if cfg.name == "pointwise_dpo":
+        per_row, _ = losses.pointwise_dpo_loss(
+            t(logps), t(ref_logps), z, beta=beta, mode=cfg.mode, log_z=cfg.log_z
+        )
+    elif cfg.name == "ulma":
+        per_row, _ = losses.ulma_loss(
+            t(logps),
+            t(ref_logps),
+            z,
+            beta=beta,
+            sft_weight=cfg.sft_weight,
+            log_z=cfg.log_z,
+            mode=cfg.mode,
+        )
+    elif cfg.name in ("dpo", "ipo"):
+        c, r = find_pairs(ids)
+        if not len(c):
+            return None
+        args = (t(logps[c]), t(ref_logps[c]), t(logps[r]), t(ref_logps[r]))
+        if cfg.name == "ipo":
+            per_row, _ = losses.ipo_loss(*args, beta=beta)
+        else:
+            per_row, _ = losses.dpo_loss(*args, beta=beta, label_smoothing=cfg.label_smoothing)
+    else:
+        return None
+    return float(per_row.mean())
 
 
 def _check_checkpoints(config: RunConfig, *, reference: str, policies: dict[str, str]) -> None:
@@ -115,16 +132,16 @@ def _check_checkpoints(config: RunConfig, *, reference: str, policies: dict[str,
             raise ConfigError(f"{flag}: {err}") from None
 
 
-def evaluate(
-    config: RunConfig, *, reference: str, policies: dict[str, str]
-) -> dict[str, dict[str, float]]:
+def evaluate(config: RunConfig, *, reference: str, policies: dict[str, str]) -> dict[str, object]:
     """Metrics of every policy checkpoint on ``config``'s held-out rows, at the config's
     TP/PP layout with the remaining ranks as data-parallel replicas (any layout gives the
     same numbers; see ``row_logps``). The model is built once: the reference's log-probs
     first, then each policy's weights are loaded into it in turn.
 
     Returns:
-        ``{policy name: metrics}`` on global rank 0; ``{}`` on the other ranks.
+        ``{policy name: metrics, "length_baselines": ..., "paired_differences": ...,
+        "bootstrap": ...}`` (see :func:`score_policies`) on global rank 0; ``{}`` on the
+        other ranks.
     """
     from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
@@ -163,7 +180,7 @@ def evaluate(
                 layout,
                 pad_id=data.tokenizer.pad_id,
                 micro_batch_size=config.train.micro_batch_size,
-                reduction="sum",
+                reduction="sum",  # the token mean is derived below, exactly
                 seq_length=config.data.seq_length,
                 token_multiple=config_token_multiple(config),
             )
@@ -173,22 +190,79 @@ def evaluate(
         policy_logps = {name: logps_of(path) for name, path in policies.items()}
         if world.rank != 0:
             return {}
-        ids = [r.id for r in rows]
-        labels = np.array([r.label for r in rows], dtype=np.float64)
-        tokens = np.array([r.input_ids.size - r.prompt_len for r in rows], dtype=np.float64)
-        chosen = labels > 0.5
-        loss = config.loss
-        results = {}
-        for name, logps in policy_logps.items():
-            rewards = loss.beta * (logps - ref_logps) + loss.log_z
-            metrics = reward_metrics(ids, labels, rewards)
-            nll = float(-logps[chosen].sum() / tokens[chosen].sum()) if chosen.any() else None
-            metrics["nll"] = nll
-            metrics["ppl"] = float(np.exp(nll)) if nll is not None else None
-            results[name] = metrics
-        return results
+        return score_policies(config.loss, rows, ref_logps, policy_logps)
     finally:
         distributed.shutdown()
+
+
+def score_policies(
+    loss, rows, ref_sums: np.ndarray, policy_sums: dict[str, np.ndarray]
+) -> dict[str, object]:
+    """The eval output (module docstring) from summed response log-probs ``[n]``.
+
+    The token mean is ``sum / tokens`` with ``tokens`` the row's response targets (eos
+    included), what :func:`megatron_pwdpo.logprobs.sequence_logps` divides by.
+    """
+    ids = [r.id for r in rows]
+    labels = np.array([r.label for r in rows], dtype=np.float64)
+    tokens = np.array([r.input_ids.size - r.prompt_len for r in rows], dtype=np.float64)
+    chosen = labels > 0.5
+
+    def reduce(sums: np.ndarray, reduction: str) -> np.ndarray:
+        return sums if reduction == "sum" else sums / np.maximum(tokens, 1.0)
+
+    def rewards(sums: np.ndarray, reduction: str) -> np.ndarray:
+        return loss.beta * (reduce(sums, reduction) - reduce(ref_sums, reduction)) + loss.log_z
+
+    results: dict[str, object] = {}
+    run_rewards = {}
+    for name, sums in policy_sums.items():
+        run_rewards[name] = rewards(sums, loss.logp_reduction)
+        both = {red: rewards(sums, red) for red in ("sum", "mean")}
+        metrics = reward_metrics(ids, labels, run_rewards[name], tokens=tokens, other_rewards=both)
+        metrics["reduction"] = loss.logp_reduction
+        logps = reduce(sums, loss.logp_reduction)
+        ref = reduce(ref_sums, loss.logp_reduction)
+        metrics["loss"] = held_out_loss(loss, logps, ref, labels, ids)
+        nll = float(-sums[chosen].sum() / tokens[chosen].sum()) if chosen.any() else None
+        metrics["nll"] = nll
+        metrics["ppl"] = float(np.exp(nll)) if nll is not None else None
+        results[name] = metrics
+    results["length_baselines"] = length_baselines(ids, tokens)
+    results["paired_differences"] = paired_differences(ids, run_rewards, tokens)
+    results["bootstrap"] = {
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "seed": BOOTSTRAP_SEED,
+        "method": "percentile, 95%, pairs (rows for accuracy) resampled with replacement",
+    }
+    return results
+
+
+def summary_lines(results: dict[str, object]) -> list[str]:
+    """A few readable lines: pair accuracy with its interval per policy, the length rules."""
+
+    def cell(value, interval) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+    lines = []
+    for name, m in results.items():
+        if name in RESERVED_KEYS or "pair_accuracy" not in m:
+            continue
+        lines.append(
+            f"{name}: pair accuracy ({m['reduction']}) "
+            f"{cell(m['pair_accuracy'], m['pair_accuracy_ci95'])}, point-wise "
+            f"{cell(m['accuracy'], m['accuracy_ci95'])}, margin {m['pair_margin']:+.4f}"
+        )
+    lb = results.get("length_baselines") or {}
+    if lb.get("pairs"):
+        lines.append(
+            f"length only, {lb['pairs']} pairs: shorter wins "
+            f"{cell(lb['shorter_wins'], lb['shorter_wins_ci95'])}, longer wins "
+            f"{cell(lb['longer_wins'], lb['longer_wins_ci95'])}"
+        )
+    return lines
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -200,6 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--policy {item!r}: expected NAME=CHECKPOINT")
+        if name in RESERVED_KEYS:
+            raise ConfigError(f"--policy {item!r}: {name!r} is a reserved output key")
         policies[name] = path
     results = evaluate(config, reference=str(args.reference), policies=policies)
     if results:  # global rank 0
@@ -207,6 +283,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.out is not None:
             Path(args.out).write_text(text + "\n")
         print(text)
+        print("\n".join(summary_lines(results)))
     return 0
 
 

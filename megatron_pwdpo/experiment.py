@@ -9,7 +9,7 @@ i.e. exactly the code users run:
 
 1. ``sft``: SFT on the chosen responses (demonstrations) of the training pairs;
 2. from that checkpoint, with it as the frozen reference, the same number of steps and
-   sequences per step for every preference method:
+   sequences per step for every preference method ("ours": ``loss`` of the config):
 
    - ``dpo``: pairwise DPO on the pairs (``global_batch_size / 2`` pairs a step);
    - ``pointwise_dpo``: point-wise DPO on the *unpaired* rows (``data.hh_mode=unpaired``:
@@ -17,9 +17,21 @@ i.e. exactly the code users run:
      spread over seeds includes the data selection);
    - ``kto``: KTO on the same unpaired rows;
    - ``ulma``: ULMA on the same unpaired rows, chosen rows as demonstrations;
-3. ``megatron-pwdpo eval`` of every checkpoint against the SFT reference on the same
-   held-out pairs (the last ``experiment.eval_pairs`` pairs, never trained on);
-4. with ``experiment.red_team.steps > 0``: point-wise DPO with continuous (soft) labels
+   - ``unlikelihood``: unlikelihood training on the same unpaired rows (a baseline of
+     the paper);
+   - ``sft_continued``: SFT on the demonstrations continued for as many steps, at the
+     same learning rate (the baseline that tells a preference method from more SFT);
+3. the ULMA authors' recipe (``OFFICIAL_LOSS``; ``examples/reproduce/official.yaml``):
+   ``base``, a language model of the training responses (SFT on chosen *and* rejected
+   responses for ``experiment.base_steps``: no preference in it, the tiny stand-in for
+   a pretrained base model; ``base_steps: 0`` keeps ``train.init_checkpoint``, a real
+   base model, as it is), then
+   from it, as init and reference, ``official_dpo``, ``official_pointwise_dpo`` and
+   ``official_ulma`` on both rows of every pair;
+4. ``megatron-pwdpo eval`` of every checkpoint against its reference on the same
+   held-out pairs (the last ``experiment.eval_pairs`` pairs, never trained on), with the
+   reduction it trained with, bootstrap intervals and the length-only rules;
+5. with ``experiment.red_team.steps > 0``: point-wise DPO with continuous (soft) labels
    on a red-team style fixture generated here, and the Spearman correlation between
    implicit rewards and held-out scores.
 
@@ -51,12 +63,39 @@ from megatron_pwdpo.config import (
 from megatron_pwdpo.experiment_report import markdown, plot, summarise
 from megatron_pwdpo.launch import exit_on_sigterm, python_command, run_group
 
-METHODS = ("sft", "dpo", "pointwise_dpo", "kto", "ulma")
+OURS = ("dpo", "pointwise_dpo", "kto", "ulma", "unlikelihood", "sft_continued")
+OFFICIAL = ("official_dpo", "official_pointwise_dpo", "official_ulma")
+METHODS = ("sft", *OURS, "base", *OFFICIAL)
+# The ULMA authors' code (github.com/Unified-Language-Model-Alignment/src: its ULMA trainer
+# with preference_loss_type=binary, sft_loss_type=logloss or pointwise_dpo; trl's DPO):
+# token-mean log-probs for ULMA and point-wise DPO, summed for DPO, beta 0.1, the loss
+# averaged per class, both rows of every pair, from the base model.
+OFFICIAL_LOSS: dict[str, dict[str, Any]] = {
+    "official_dpo": {"name": "dpo", "beta": 0.1, "logp_reduction": "sum"},
+    "official_pointwise_dpo": {
+        "name": "pointwise_dpo",
+        "mode": "bce",
+        "beta": 0.1,
+        "logp_reduction": "mean",
+        "normalization": "per_class",
+        "log_z": 0.0,
+    },
+    "official_ulma": {
+        "name": "ulma",
+        "mode": "bce",
+        "beta": 0.1,
+        "logp_reduction": "mean",
+        "normalization": "per_class",
+        "log_z": 0.0,
+        "sft_weight": 1.0,
+    },
+}
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/reproduce",
     "seeds": [1, 2, 3],
     "methods": list(METHODS),
     "sft_steps": 100,
+    "base_steps": None,  # None: sft_steps; 0: base = train.init_checkpoint as it is
     "steps": 80,
     "eval_pairs": 64,
     "nproc": 1,
@@ -84,6 +123,9 @@ def load_experiment(path: Path, overrides: list[str]) -> tuple[dict[str, Any], d
     bad = [m for m in exp["methods"] if m not in METHODS]
     if bad or "sft" not in exp["methods"]:
         raise ConfigError(f"experiment.methods: must include 'sft', from {list(METHODS)}")
+    if set(OFFICIAL) & set(exp["methods"]) and "base" not in exp["methods"]:
+        raise ConfigError("experiment.methods: the official_* methods start from 'base': add it")
+    exp["methods"] = [m for m in METHODS if m in exp["methods"]]  # the order runs need
     resolve_file_paths(tree, Path(path).parent)
     exp["run_dir"] = str(Path(exp["run_dir"]).resolve())
     if not exp["seeds"]:
@@ -98,20 +140,58 @@ def load_experiment(path: Path, overrides: list[str]) -> tuple[dict[str, Any], d
 def method_overrides(method: str, exp: dict[str, Any], tree: dict[str, Any]) -> list[str]:
     """Overrides of one method's training run, on top of the base config."""
     train = tree.get("train", {})
-    pairs = 2 * exp["eval_pairs"]
+    paired = ["data.hh_mode=paired", f"data.eval_rows={2 * exp['eval_pairs']}"]
     steps = f"train.steps={exp['steps']}"
-    if method == "sft":
+    gb, mb = train.get("global_batch_size", 16), train.get("micro_batch_size", 8)
+    half_batch = [f"train.global_batch_size={gb // 2}", f"train.micro_batch_size={mb // 2}"]
+    if method in ("sft", "base"):  # base: a language model of every training response
         lr = train.get("sft_lr", 1e-3)
-        out = ["loss.name=sft", "data.hh_mode=paired", f"data.eval_rows={pairs}"]
-        out += [f"train.steps={exp['sft_steps']}", f"train.lr={lr}", "reference.mode=none"]
+        n = exp["sft_steps"] if method == "sft" or exp["base_steps"] is None else exp["base_steps"]
+        out = ["loss.name=sft", *paired, f"train.steps={n}", f"train.lr={lr}"]
+        out += ["reference.mode=none"] + (["data.demo_chosen=false"] if method == "base" else [])
+    elif method == "sft_continued":  # the preference stage's steps and lr, demonstrations
+        out = ["loss.name=sft", *paired, steps, "reference.mode=none"]
     elif method == "dpo":  # a pair is two sequences: half as many examples per step
-        gb, mb = train.get("global_batch_size", 16), train.get("micro_batch_size", 8)
-        out = ["loss.name=dpo", "data.hh_mode=paired", f"data.eval_rows={pairs}", steps]
-        out += [f"train.global_batch_size={gb // 2}", f"train.micro_batch_size={mb // 2}"]
+        out = ["loss.name=dpo", *paired, steps, *half_batch]
+    elif method in OFFICIAL:
+        out = [f"loss.{k}={v}" for k, v in OFFICIAL_LOSS[method].items()] + [*paired, steps]
+        out += half_batch if method == "official_dpo" else []
     else:  # one response per prompt; the last eval_pairs prompts are held out
         out = [f"loss.name={method}", "data.hh_mode=unpaired"]
         out += [f"data.eval_rows={exp['eval_pairs']}", steps]
     return out + ["train.sft_steps=0", *exp["method_overrides"].get(method, [])]
+
+
+def eval_groups(exp: dict[str, Any], tree: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``eval`` calls of a seed: ``{group: {"reference": method, "policies": [...],
+    "overrides": [...]}}``; each scores its policies with the reduction and beta they
+    trained with, on the same held-out pairs (``sft_continued``, an SFT run, is scored
+    as the preference methods beside it are, so that paired differences compare like
+    with like; the eval reports both reductions anyway)."""
+    data = ["data.hh_mode=paired", f"data.eval_rows={2 * exp['eval_pairs']}"]
+    ours = [m for m in ("sft", *OURS) if m in exp["methods"]]
+    groups = {"hh": {"reference": "sft", "policies": ours, "overrides": data}}
+    for reduction in ("mean", "sum"):
+        official = [
+            m
+            for m in OFFICIAL
+            if m in exp["methods"]
+            if OFFICIAL_LOSS[m]["logp_reduction"] == reduction
+        ]
+        if official:
+            over = [f"loss.beta={OFFICIAL_LOSS[official[0]]['beta']}"]
+            over += [
+                f"loss.logp_reduction={reduction}",
+                f"loss.name={OFFICIAL_LOSS[official[0]]['name']}",
+            ]
+            if reduction == "mean":  # the reference itself: its NLL, rewards 0
+                official = ["base", *official]
+            groups[f"official_{reduction}"] = {
+                "reference": "base",
+                "policies": official,
+                "overrides": [*data, *over],
+            }
+    return groups
 
 
 # --------------------------------------------------------------------------- red-team
@@ -236,28 +316,33 @@ def _train(base: Path, run_dir: Path, seed: int, extra: list[str], exp: dict[str
 
 
 def run_seed(base: Path, exp: dict[str, Any], tree: dict[str, Any], seed: int) -> dict:
-    """SFT, every preference method from it, their evaluation, and the red-team check."""
+    """SFT (and base), every method from its start, their evaluation, the red-team check."""
     root = Path(exp["run_dir"]) / f"seed{seed}"
     walls: dict[str, float] = {}
-    sft_dir = root / "sft"
-    walls["sft"] = _train(base, sft_dir, seed, method_overrides("sft", exp, tree), exp)
-    sft_ckpt = sft_dir / "checkpoints"
-    init = [f"train.init_checkpoint={sft_ckpt}"]
+    starts = {"sft": [], "base": []}
+    for first in starts:
+        if first in exp["methods"]:
+            walls[first] = _train(base, root / first, seed, method_overrides(first, exp, tree), exp)
+            starts[first] = [f"train.init_checkpoint={root / first / 'checkpoints'}"]
     for method in exp["methods"]:
-        if method != "sft":
+        if method not in starts:
+            init = starts["base"] if method in OFFICIAL else starts["sft"]
             extra = method_overrides(method, exp, tree) + init
             walls[method] = _train(base, root / method, seed, extra, exp)
-    policies = [f"{m}={root / m / 'checkpoints'}" for m in exp["methods"]]
-    hh_eval = ["data.hh_mode=paired", f"data.eval_rows={2 * exp['eval_pairs']}"]
     evals = {}
-    evals["hh"], walls["eval_hh"] = _eval(base, root / "eval_hh", sft_ckpt, policies, hh_eval, exp)
+    for group, spec in eval_groups(exp, tree).items():
+        reference = root / spec["reference"] / "checkpoints"
+        policies = [f"{m}={root / m / 'checkpoints'}" for m in spec["policies"]]
+        evals[group], walls[f"eval_{group}"] = _eval(
+            base, root / f"eval_{group}", reference, policies, spec["overrides"], exp
+        )
     if exp["red_team"]["steps"] > 0:
         fixture = Path(exp["run_dir"]) / "red_team_fixture.jsonl"
         rt_over = red_team_overrides(exp, fixture)
-        walls["red_team"] = _train(base, root / "red_team", seed, rt_over + init, exp)
+        walls["red_team"] = _train(base, root / "red_team", seed, rt_over + starts["sft"], exp)
         rt_policy = [f"pointwise_dpo={root / 'red_team' / 'checkpoints'}"]
         evals["red_team"], walls["eval_red_team"] = _eval(
-            base, root / "eval_red_team", sft_ckpt, rt_policy, rt_over, exp
+            base, root / "eval_red_team", root / "sft" / "checkpoints", rt_policy, rt_over, exp
         )
     return {"wall_s": walls, "eval": evals}
 

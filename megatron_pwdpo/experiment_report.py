@@ -9,14 +9,20 @@ from typing import Any
 
 import numpy as np
 
+# (key in an eval's per-policy metrics, column title, format); "ci" columns take [lo, hi]
 COLUMNS = [
-    ("pair_accuracy", "pair acc.", "{:.3f}"),
-    ("pair_margin", "pair margin", "{:+.3f}"),
+    ("pair_accuracy", "pair acc. (as trained)", "{:.3f}"),
+    ("pair_accuracy_ci95", "95% CI (pairs)", "{:.3f}"),
+    ("pair_accuracy_sum", "pair acc. Σlogp", "{:.3f}"),
+    ("pair_accuracy_mean", "pair acc. mean logp", "{:.3f}"),
+    ("pair_accuracy_chosen_shorter", "acc. chosen shorter", "{:.3f}"),
+    ("pair_accuracy_chosen_longer", "acc. chosen longer", "{:.3f}"),
+    ("margin_length_spearman", "ρ(margin, Δlength)", "{:+.2f}"),
     ("accuracy", "point-wise acc.", "{:.3f}"),
-    ("nll", "chosen NLL (nats/token)", "{:.3f}"),
-    ("ppl", "chosen ppl", "{:.1f}"),
+    ("nll", "chosen NLL", "{:.3f}"),
 ]
-REWARD_KEYS = ("pair_accuracy", "pair_margin", "accuracy", "spearman")
+REFERENCE_OF = {"sft": "sft", "base": "base"}  # a reference scored against itself
+LENGTH_RULES = ("shorter_wins", "longer_wins")
 
 
 def _stats(values: list[float | None]) -> dict[str, Any] | None:
@@ -27,18 +33,62 @@ def _stats(values: list[float | None]) -> dict[str, Any] | None:
     return {"mean": float(np.mean(vals)), "std": std, "n": len(vals), "values": vals}
 
 
+def _interval(values: list[list[float] | None]) -> dict[str, Any] | None:
+    """Mean over seeds of the per-seed interval endpoints (the pairs are the same)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    lo, hi = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
+    return {"interval": [float(lo), float(hi)], "n": len(vals), "values": vals}
+
+
+def policy_metrics(seed_result: dict, method: str) -> tuple[dict, dict] | None:
+    """``(metrics of method, its eval group's whole output)`` from one seed's evals."""
+    for group, out in seed_result["eval"].items():
+        if group != "red_team" and method in out:
+            return out[method], out
+    return None
+
+
+def _column(key: str, values: list) -> dict[str, Any] | None:
+    return _interval(values) if key.endswith("_ci95") else _stats(values)
+
+
 def summarise(exp: dict[str, Any], per_seed: dict[int, dict]) -> dict[str, Any]:
-    """Mean and sample std over seeds of every metric of every method."""
+    """Per method: mean and sample std over seeds of every column, the mean per-seed
+    95% interval, and its paired difference to each length rule; the length rules as
+    rows; the held-out pair count."""
     table: dict[str, dict[str, Any]] = {}
     seeds = list(per_seed)
     for method in exp["methods"]:
-        row = {}
-        for key in [c[0] for c in COLUMNS]:
-            if method == "sft" and key in REWARD_KEYS:
+        found = [policy_metrics(per_seed[s], method) for s in seeds]
+        row: dict[str, Any] = {}
+        for key, _, _ in COLUMNS:
+            if method in REFERENCE_OF and key != "nll":
                 continue  # policy == reference: every reward is 0
-            row[key] = _stats([per_seed[s]["eval"]["hh"][method].get(key) for s in seeds])
-        row["train_wall_s"] = _stats([per_seed[s]["wall_s"][method] for s in seeds])
+            row[key] = _column(key, [f[0].get(key) if f else None for f in found])
+        for rule in LENGTH_RULES:
+            diffs = [
+                f[1]["paired_differences"].get(f"{method} - {rule}") if f else None for f in found
+            ]
+            diffs = [d for d in diffs if d is not None]
+            if diffs and method not in REFERENCE_OF:
+                row[f"minus_{rule}"] = {
+                    **_stats([d["pair_accuracy"] for d in diffs]),
+                    "intervals": [d["pair_accuracy_ci95"] for d in diffs],
+                    "seeds_above_0": sum(d["pair_accuracy_ci95"][0] > 0 for d in diffs),
+                }
+        row["train_wall_s"] = _stats([per_seed[s]["wall_s"].get(method) for s in seeds])
         table[method] = row
+    first = policy_metrics(per_seed[seeds[0]], exp["methods"][0])
+    lengths = first[1]["length_baselines"] if first else {}
+    for rule in LENGTH_RULES:
+        table[rule] = {
+            "pair_accuracy": _stats([lengths.get(rule)]),
+            "pair_accuracy_ci95": _interval([lengths.get(f"{rule}_ci95")]),
+        }
+    table["held_out"] = {k: v for k, v in lengths.items() if not isinstance(v, (float, list))}
+    table["differences"] = _differences(exp, per_seed)
     if exp["red_team"]["steps"] > 0:
         rt = [per_seed[s]["eval"]["red_team"]["pointwise_dpo"] for s in seeds]
         table["red_team"] = {
@@ -48,31 +98,83 @@ def summarise(exp: dict[str, Any], per_seed: dict[int, dict]) -> dict[str, Any]:
     return table
 
 
+def _differences(exp: dict[str, Any], per_seed: dict[int, dict]) -> dict[str, Any]:
+    """Paired differences of pair accuracy between trained methods scored in one eval
+    (the same pairs, the same reference): mean and std over seeds, the per-seed 95%
+    paired-bootstrap intervals."""
+    out: dict[str, Any] = {}
+    for seed, result in per_seed.items():
+        for group, evals in result["eval"].items():
+            for name, d in (evals.get("paired_differences") or {}).items():
+                a, b = name.split(" - ")
+                if group == "red_team" or b in LENGTH_RULES or {a, b} & set(REFERENCE_OF):
+                    continue
+                entry = out.setdefault(name, {"values": [], "intervals": [], "seeds": []})
+                entry["values"].append(d["pair_accuracy"])
+                entry["intervals"].append(d["pair_accuracy_ci95"])
+                entry["seeds"].append(seed)
+    for entry in out.values():
+        entry.update(_stats(entry["values"]) or {})
+        entry["seeds_excluding_0"] = sum(lo > 0 or hi < 0 for lo, hi in entry["intervals"])
+    return out
+
+
 def _cell(stat: dict[str, Any] | None, fmt: str) -> str:
     if stat is None:
         return "—"
+    if "interval" in stat:
+        lo, hi = stat["interval"]
+        return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
     if stat["n"] == 1:
         return fmt.format(stat["mean"])
     return f"{fmt.format(stat['mean'])} ± {fmt.replace('+', '').format(stat['std'])}"
 
 
+def _minus_cell(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "—"
+    return f"{_cell(stat, '{:+.3f}')} ({stat['seeds_above_0']}/{stat['n']})"
+
+
 def markdown(exp: dict[str, Any], table: dict[str, Any], total_wall_s: float) -> str:
     seeds = exp["seeds"]
+    held = table.get("held_out", {})
     lines = [
-        f"Held-out: the last {exp['eval_pairs']} HH-RLHF pairs; mean ± std over "
-        f"{len(seeds)} seed(s) {seeds}; {exp['sft_steps']} SFT steps, then {exp['steps']} "
-        f"steps per preference method from that SFT model (also the reference). "
-        f"Wall time of all runs {total_wall_s / 60:.1f} min.",
+        f"Held-out: the last {exp['eval_pairs']} HH-RLHF pairs of the file, of which "
+        f"{held.get('pairs', '?')} fit the sequence length (chosen shorter in "
+        f"{held.get('chosen_shorter_pairs', '?')}, longer in "
+        f"{held.get('chosen_longer_pairs', '?')}, equal in {held.get('equal_length_pairs', '?')}); "
+        f"mean ± std over {len(seeds)} seed(s) {seeds}; {exp['sft_steps']} SFT steps (and "
+        f"base steps), then {exp['steps']} steps per method. Wall time of all runs "
+        f"{total_wall_s / 60:.1f} min.",
         "",
-        "| method | " + " | ".join(c[1] for c in COLUMNS) + " | train wall (s) |",
-        "|---" * (len(COLUMNS) + 2) + "|",
+        "| method | "
+        + " | ".join(c[1] for c in COLUMNS)
+        + " | − shorter_wins (seeds > 0) | train wall (s) |",
+        "|---" * (len(COLUMNS) + 3) + "|",
     ]
-    for method in exp["methods"]:
+    for method in [*exp["methods"], *LENGTH_RULES]:
         row = table[method]
         cells = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
-        lines.append(
-            f"| {method} | " + " | ".join(cells) + f" | {_cell(row['train_wall_s'], '{:.0f}')} |"
-        )
+        wall = _cell(row.get("train_wall_s"), "{:.0f}")
+        minus = _minus_cell(row.get("minus_shorter_wins"))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {minus} | {wall} |")
+    diffs = table.get("differences") or {}
+    if diffs:
+        lines += [
+            "",
+            "Paired differences of pair accuracy (same held-out pairs, same reference; "
+            "mean ± std over seeds, and each seed's 95% paired-bootstrap interval):",
+            "",
+            "| difference | mean ± std | per-seed 95% intervals | seeds excluding 0 |",
+            "|---|---|---|---|",
+        ]
+        for name, d in diffs.items():
+            intervals = ", ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in d["intervals"])
+            lines.append(
+                f"| {name} | {_cell(d, '{:+.3f}')} | {intervals} | "
+                f"{d['seeds_excluding_0']}/{len(d['intervals'])} |"
+            )
     if "red_team" in table:
         rt = table["red_team"]
         lines += [
@@ -82,14 +184,38 @@ def markdown(exp: dict[str, Any], table: dict[str, Any], total_wall_s: float) ->
             f"held-out score) = {_cell(rt['spearman'], '{:.3f}')}; point-wise accuracy "
             f"(label > 0.5) = {_cell(rt['accuracy'], '{:.3f}')}.",
         ]
-    lines.append("")
-    lines.append(
-        "SFT's reward columns are empty: its policy is the reference, so every reward is 0."
-    )
+    lines += [
+        "",
+        "Columns: pair accuracy with the log-prob reduction the method trained with (Σ for "
+        "ours, as `loss.logp_reduction`; official_* as in `OFFICIAL_LOSS`; sft_continued "
+        "scored as ours), its 95% percentile-bootstrap interval over the held-out pairs "
+        "(2,000 resamples, seed 0; the mean of the seeds' endpoints), the pair accuracy "
+        "under each reduction, within the pairs whose chosen response is shorter / longer, "
+        "the rank correlation of the margin with the length difference, point-wise "
+        "accuracy, per-token NLL of the held-out chosen responses, and the paired "
+        'difference to the rule "the shorter response wins" (seeds whose interval is '
+        "above 0). sft and base are references: their reward columns are empty. "
+        "shorter_wins / longer_wins: the length-only rules by response tokens (ties half).",
+    ]
     return "\n".join(lines) + "\n"
 
 
-_CURVE_METRIC = {"sft": "nll", "dpo": "pair_accuracy", "red_team": "accuracy"}
+_CURVE_METRIC = {
+    "sft": "nll",
+    "base": "nll",
+    "sft_continued": "nll",
+    "dpo": "pair_accuracy",
+    "official_dpo": "pair_accuracy",
+    "red_team": "accuracy",
+}
+_STAGE = {
+    "red_team": "pointwise_dpo",
+    "base": "sft",
+    "sft_continued": "sft",
+    "official_dpo": "dpo",
+    "official_pointwise_dpo": "pointwise_dpo",
+    "official_ulma": "ulma",
+}
 
 
 def _curves(run_dir: Path, stage: str, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +241,9 @@ def plot(exp: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(exp["methods"]) + (["red_team"] if exp["red_team"]["steps"] > 0 else [])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.0), squeeze=False)
     for col, name in enumerate(names):
-        stage = "pointwise_dpo" if name == "red_team" else name
+        stage = _STAGE.get(name, name)
         metric = _CURVE_METRIC.get(name, "accuracy")
         for row, (split, key) in enumerate([("train", "loss"), ("eval", metric)]):
             ax, runs = axes[row][col], []

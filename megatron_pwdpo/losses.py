@@ -34,6 +34,18 @@ Where the point-wise losses come from (Cai et al., 2023, ULMA, arXiv 2312.02554)
 
    Demonstrations therefore need no reference forward pass at all.
 
+   The authors' code also has a **continuous** ULMA (``mode="mse"`` here): rows whose
+   score is not 1 regress the reward on the score, ``(z - r)^2``, and score-1 rows keep
+   the SFT term; this is what their "MSE" means, not ``pointwise_dpo``'s ``mse`` (which
+   regresses every row, demonstrations included, and is this project's extension).
+4. **Unlikelihood training** (Welleck et al., 2019), a baseline of the paper: maximum
+   likelihood on desirable rows, and on undesirable rows push every response token's
+   probability ``p_t`` down through ``log(1 - p_t)``::
+
+       -z * logp - (1 - z) * sum_t log(1 - p_t)      (or the token mean, as logp)
+
+   It uses no reference.
+
 Numerics: ``log(1 - sigmoid(x)) = log sigmoid(-x)`` and ``1 - sigmoid(x) =
 sigmoid(-x)``; both are evaluated with the stable right-hand side.
 
@@ -42,13 +54,14 @@ Metrics: every value is a detached float32 tensor ``[2] = stack([sum, count])``
 data-parallel ranks, then divides; a class with no rows gives ``[0, 0]``.
 """
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_NAMES = ("pointwise_dpo", "ulma", "dpo", "ipo", "kto", "sft")
+LOSS_NAMES = ("pointwise_dpo", "ulma", "dpo", "ipo", "kto", "sft", "unlikelihood")
 PAIRWISE_LOSSES = ("dpo", "ipo")
 
 Metrics = dict[str, Tensor]
@@ -166,12 +179,18 @@ def ulma_loss(
     beta: float,
     sft_weight: float = 1.0,
     log_z: float = 0.0,
+    mode: Literal["bce", "mse"] = "bce",
 ) -> tuple[Tensor, Metrics]:
     """ULMA: SFT on demonstrations, point-wise DPO's negative term on the rest.
 
     ``r = beta (logp - ref_logp) + log_z``::
 
-        L = -z * w_sft * logp - (1 - z) * log sigmoid(-r)
+        bce:  L = -z * w_sft * logp - (1 - z) * log sigmoid(-r)
+        mse:  L = -w_sft * logp      if z == 1
+              L = (z - r)^2          otherwise
+
+    ``mse`` is the authors' continuous ("MSE") ULMA: the squared error only on rows
+    whose score is not 1, the SFT term on score-1 rows.
 
     Demonstration rows (``z == 1``) need no reference: there ``ref_logps`` may be
     NaN (or ``None`` for the whole batch when every row is a demonstration).
@@ -186,6 +205,7 @@ def ulma_loss(
       beta: KL coefficient of the negative term.
       sft_weight: ``w_sft``, the weight of the demonstration (SFT) term.
       log_z: the log-partition constant added to every reward.
+      mode: ``"bce"`` (the paper's binary ULMA) or ``"mse"`` (the continuous hybrid).
 
     Returns:
       ``(loss [n], metrics)``; reward, accuracy and logratio metrics count only
@@ -211,8 +231,14 @@ def ulma_loss(
     safe_ref = torch.where(demo & ~has_ref, torch.zeros_like(ref_logps), ref_logps)
     logratio = logps - safe_ref  # (n,)
     reward = beta * logratio + log_z  # (n,)
-    # log(1 - sigmoid(r)) = logsigmoid(-r); (1 - z) = 0 zeroes it on demonstrations.
-    loss = -z * sft_weight * logps - (1.0 - z) * F.logsigmoid(-reward)
+    if mode == "bce":
+        # log(1 - sigmoid(r)) = logsigmoid(-r); (1 - z) = 0 zeroes it on demonstrations.
+        loss = -z * sft_weight * logps - (1.0 - z) * F.logsigmoid(-reward)
+    elif mode == "mse":
+        # where() picks per row; safe_ref keeps the unpicked branch finite (no NaN grad)
+        loss = torch.where(demo, -sft_weight * logps, (z - reward) ** 2)
+    else:
+        raise ValueError(f"mode must be 'bce' or 'mse', got {mode!r}")
     return loss, _pointwise_metrics(reward, logratio, loss, z > 0.5, valid=has_ref)
 
 
@@ -271,6 +297,68 @@ def sft_loss(logps: Tensor) -> tuple[Tensor, Metrics]:
     """
     loss = -logps
     return loss, {"nll": _sum_count(loss)}
+
+
+def log1m_exp(token_logps: Tensor, *, min_complement: float = 1e-5) -> Tensor:
+    """``log(1 - p)`` from ``log p``, elementwise, stable over the whole range.
+
+    ``log(-expm1(x))`` near ``x = 0`` and ``log1p(-exp(x))`` below ``-log 2`` (Maechler,
+    2012). ``1 - p`` is floored at ``min_complement`` (as Welleck et al. clamp it), so a
+    token with ``p = 1``, or padding whose log-prob is 0, gives a finite value with no
+    gradient instead of ``-inf``.
+
+    Args:
+      token_logps: ``[...]`` log-probabilities (<= 0).
+
+    Returns:
+      ``[...]`` ``log(1 - exp(token_logps))``, at least ``log(min_complement)``.
+    """
+    x = token_logps.clamp_max(math.log1p(-min_complement))  # 1 - p >= min_complement
+    near_zero = x > -math.log(2.0)
+    # each branch gets an input where it is finite, so where() back-propagates no NaN
+    a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, a, b)
+
+
+def unlikelihood_loss(
+    logps: Tensor,
+    unlikely_logps: Tensor,
+    label: Tensor,
+    *,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.1,
+) -> tuple[Tensor, Metrics]:
+    """Unlikelihood training: likelihood up on desirable rows, token-wise down on the rest.
+
+    ::
+
+        L = -z * logp - (1 - z) * unlikely_logp,   unlikely_logp = sum_t log(1 - p_t)
+
+    (``unlikely_logp`` is reduced over the response tokens as ``logp`` is: sum or
+    token mean; see :func:`log1m_exp`). The loss needs no reference; with one, the
+    metrics report the implicit reward ``beta (logp - ref_logp)`` as for the other
+    point-wise losses (for monitoring only).
+
+    Args:
+      logps: ``[n]`` policy log-probabilities of the responses.
+      unlikely_logps: ``[n]`` the same rows' ``log(1 - p_t)`` reduced over tokens.
+      label: ``[n]`` labels ``z`` in [0, 1] (1 = desirable).
+      ref_logps: ``[n]`` reference log-probabilities, or ``None`` (metrics then use
+        ``logp`` itself as the score).
+      beta: scale of the monitored reward.
+
+    Returns:
+      ``(loss [n], metrics)``.
+
+    References:
+      Welleck et al., 2019, Neural Text Generation with Unlikelihood Training,
+      arXiv 1908.04319; a baseline of Cai et al., 2023 (ULMA).
+    """
+    z = label.to(logps.dtype)
+    loss = -z * logps - (1.0 - z) * unlikely_logps
+    logratio = logps if ref_logps is None else logps - ref_logps
+    return loss, _pointwise_metrics(beta * logratio, logratio, loss, z > 0.5)
 
 
 # ---------------------------------------------------------------- pairwise baselines

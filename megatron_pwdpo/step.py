@@ -63,6 +63,7 @@ def make_objective(cfg: LossConfig) -> Objective:
             beta=beta,
             sft_weight=cfg.sft_weight,
             log_z=cfg.log_z,
+            mode=cfg.mode,
         )
     if name in ("dpo", "ipo"):
 
@@ -85,6 +86,15 @@ def make_objective(cfg: LossConfig) -> Objective:
         )
     if name == "sft":
         return lambda logps, b: losses.sft_loss(logps)
+    if name == "unlikelihood":
+
+        def unlikelihood(logps: torch.Tensor, b: Batch):
+            return losses.unlikelihood_loss(
+                logps, b["unlikely_logps"], b["label"], ref_logps=b.get("ref_logps"), beta=beta
+            )
+
+        unlikelihood.needs_unlikely_logps = True  # loss_func adds b["unlikely_logps"]
+        return unlikelihood
     raise ValueError(f"unknown loss '{name}'")
 
 
@@ -131,6 +141,9 @@ def loss_func(
         names to detached ``[2]`` (sum, count) tensors, ``"loss"`` included.
     """
     logps = row_logps(token_logps, batch, reduction=reduction)
+    if getattr(objective, "needs_unlikely_logps", False):  # per-row log(1 - p_t), reduced
+        unlikely = row_logps(losses.log1m_exp(token_logps), batch, reduction=reduction)
+        batch = {**batch, "unlikely_logps": unlikely}
     per_row, metrics = objective(logps, batch)
     weighted = (per_row * batch["weight"]).sum()
     count = per_row.new_tensor(float(per_row.numel()))
@@ -267,6 +280,7 @@ def metric_names(objective: Objective) -> list[str]:
         "ref_logps": torch.zeros(2),
         "label": torch.tensor([1.0, 0.0]),
         "kl": torch.zeros(()),
+        "unlikely_logps": torch.full((2,), -1.0),
     }
     _, metrics = objective(torch.zeros(2), dummy)
     return ["loss", *metrics]

@@ -11,9 +11,13 @@ import pytest
 from conftest import TINY, run_cli
 
 from megatron_pwdpo.evaluate import rankdata, reward_metrics, spearman
+from megatron_pwdpo.experiment import METHODS, OFFICIAL
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "reproduce" / "tiny.yaml"
-METHODS = ["sft", "dpo", "pointwise_dpo", "kto", "ulma"]
+# every kind of run and every eval group, but not every method (each is a few processes;
+# test_example_configs validates every run of the full experiment)
+TESTED = ["sft", "kto", "ulma", "unlikelihood", "sft_continued", "base", "official_dpo"]
+TESTED += ["official_ulma"]
 
 
 def test_spearman_and_reward_metrics():
@@ -40,29 +44,43 @@ def test_experiment_tiny_budget(tmp_path):
         "experiment.sft_steps=2",
         "experiment.steps=2",
         "experiment.eval_pairs=8",
+        f"experiment.methods=[{','.join(TESTED)}]",
         "experiment.red_team.steps=2",
         "experiment.red_team.records=64",
         "experiment.red_team.eval_rows=16",
     ]
-    run_cli(["experiment", "--config", str(CONFIG), *overrides], timeout=600)
+    run_cli(["experiment", "--config", str(CONFIG), *overrides], timeout=900)
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["summary"]) == {*METHODS, "red_team"}
-    hh = results["per_seed"]["7"]["eval"]["hh"]
-    # the same held-out rows for every method, with pairs even for the unpaired ones
-    assert len({(m["rows"], m["pairs"]) for m in hh.values()}) == 1
-    assert hh["kto"]["pairs"] > 0
-    for method in METHODS:
-        assert np.isfinite(hh[method]["nll"])
-        if method != "sft":
-            assert 0.0 <= hh[method]["pair_accuracy"] <= 1.0
+    summary = results["summary"]
+    assert set(TESTED) | {"red_team", "shorter_wins", "longer_wins"} <= set(summary)
+    evals = results["per_seed"]["7"]["eval"]
+    assert set(evals) == {"hh", "official_mean", "official_sum", "red_team"}
+    scored = {m: g[m] for name, g in evals.items() if name != "red_team" for m in g}
+    policies = {m: v for m, v in scored.items() if m in METHODS}
+    assert set(policies) == set(TESTED)
+    # the same held-out pairs for every method and reference, pairs even for the unpaired
+    assert len({(m["rows"], m["pairs"]) for m in policies.values()}) == 1
+    assert policies["kto"]["pairs"] > 0
+    lengths = evals["hh"]["length_baselines"]
+    assert evals["official_mean"]["length_baselines"] == lengths
+    assert lengths["pairs"] == policies["kto"]["pairs"]
+    for method, m in policies.items():
+        assert np.isfinite(m["nll"])
+        official_mean = method == "base" or method in OFFICIAL and method != "official_dpo"
+        want = "mean" if official_mean else "sum"
+        assert m["reduction"] == want, method
+        if method not in ("sft", "base"):
+            lo, hi = m["pair_accuracy_ci95"]
+            assert 0.0 <= lo <= m["pair_accuracy"] <= hi <= 1.0
+            assert summary[method]["minus_shorter_wins"]["n"] == 1
     assert np.isfinite(results["per_seed"]["7"]["eval"]["red_team"]["pointwise_dpo"]["spearman"])
     table = (run_dir / "results.md").read_text()
-    for method in METHODS:
+    for method in [*TESTED, "shorter_wins", "longer_wins"]:
         assert f"| {method} |" in table
     assert "Spearman" in table
     png = (run_dir / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     # a repeated command skips the finished runs and rewrites the outputs
     proc = run_cli(["experiment", "--config", str(CONFIG), *overrides], timeout=300)
-    assert proc.stdout.count("already done") == 6  # sft, 4 methods, red-team
+    assert proc.stdout.count("already done") == len(TESTED) + 1  # and the red-team run
     assert (run_dir / "results.md").read_text().startswith("Held-out")

@@ -125,3 +125,23 @@ def test_train_dry_run_prints_the_plan_and_the_estimate(capsys):
     # on this CPU machine the same file is refused in one line (FP8 needs TE)
     assert main(["train", "--config", str(path), "--dry-run", "--world-size", "64"]) == 2
     assert "Transformer Engine" in capsys.readouterr().err
+
+
+def test_the_official_preset_is_the_experiments_official_ulma():
+    """examples/reproduce/official.yaml (the ULMA authors' recipe) validates on CPU and
+    holds exactly the loss that the experiment's official_ulma row trains with."""
+    from megatron_pwdpo.experiment import OFFICIAL_LOSS
+
+    path = EXAMPLES / "reproduce" / "official.yaml"
+    config = load_config(path)
+    validate(config, world_size=1)
+    loss = yaml.safe_load(path.read_text())["loss"]
+    assert loss == OFFICIAL_LOSS["official_ulma"]
+    assert config.data.hh_mode == "paired" and config.data.demo_chosen
+    assert config.train.sft_steps == 0  # from the base model, no SFT stage
+    # the file's DPO line gives the experiment's official_dpo
+    dpo = load_config(
+        path, ["loss.name=dpo", "loss.logp_reduction=sum", "loss.normalization=global_mean"]
+    )
+    for key, value in OFFICIAL_LOSS["official_dpo"].items():
+        assert getattr(dpo.loss, key) == value

@@ -14,9 +14,11 @@ from megatron_pwdpo.losses import (
     dpo_loss,
     ipo_loss,
     kto_loss,
+    log1m_exp,
     pointwise_dpo_loss,
     sft_loss,
     ulma_loss,
+    unlikelihood_loss,
 )
 
 N = 7
@@ -60,6 +62,27 @@ def naive_ulma(logps, ref_logps, label, beta, sft_weight, log_z):
             r = beta * (lp - rl) + log_z
             value += -(1 - z) * math.log(1 - _sigmoid(r))
         out.append(value)
+    return torch.tensor(out, dtype=F64)
+
+
+def naive_ulma_mse(logps, ref_logps, label, beta, sft_weight, log_z):
+    """The authors' continuous ULMA: SFT on score-1 rows, squared error on the others."""
+    out = []
+    for lp, rl, z in zip(logps.tolist(), ref_logps.tolist(), label.tolist(), strict=True):
+        out.append(-sft_weight * lp if z == 1 else (z - (beta * (lp - rl) + log_z)) ** 2)
+    return torch.tensor(out, dtype=F64)
+
+
+def naive_unlikelihood(token_logps, mask, label, reduction):
+    """-z sum_t log p_t - (1 - z) sum_t log(1 - p_t), token by token with math.*."""
+    out = []
+    for row, m, z in zip(token_logps.tolist(), mask.tolist(), label.tolist(), strict=True):
+        kept = [lp for lp, keep in zip(row, m, strict=True) if keep]
+        like = sum(kept)
+        unlike = sum(math.log(1.0 - math.exp(lp)) for lp in kept)
+        if reduction == "mean":
+            like, unlike = like / len(kept), unlike / len(kept)
+        out.append(-z * like - (1 - z) * unlike)
     return torch.tensor(out, dtype=F64)
 
 
@@ -113,6 +136,84 @@ def test_ulma_matches_naive(sft_weight, log_z):
     loss, _ = ulma_loss(logps, ref, label, beta=0.5, sft_weight=sft_weight, log_z=log_z)
     expected = naive_ulma(logps, ref, label, 0.5, sft_weight, log_z)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_z", [0.0, 0.4])
+def test_ulma_mse_hybrid_matches_naive(log_z):
+    logps, ref = _rand(N, seed=4), _rand(N, seed=5)
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.25, 0.8, 0.0], dtype=F64)
+    ref[0] = ref[2] = float("nan")  # demonstrations need no reference in this mode either
+    logps.requires_grad_(True)
+    loss, _ = ulma_loss(logps, ref, label, beta=0.5, sft_weight=0.7, log_z=log_z, mode="mse")
+    expected = naive_ulma_mse(logps, ref, label, 0.5, 0.7, log_z)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    loss.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+    # the score-1 rows are SFT rows, not squared errors (what pointwise_dpo's mse does)
+    assert loss[0].item() == pytest.approx(-0.7 * logps[0].item())
+
+
+def test_ulma_rejects_unknown_mode():
+    x = torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match="mode"):
+        ulma_loss(x, x, x, beta=0.1, mode="hinge")
+
+
+def _token_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    token_logps = torch.log(torch.rand(4, 6, generator=gen, dtype=F64) * 0.98 + 0.01)
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]],
+        dtype=F64,
+    )
+    return token_logps, mask
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_unlikelihood_matches_naive(reduction):
+    from megatron_pwdpo.logprobs import sequence_logps
+
+    token_logps, mask = _token_inputs(seed=60)
+    label = torch.tensor([1.0, 0.0, 0.0, 0.3], dtype=F64)
+    logps = sequence_logps(token_logps, mask, reduction=reduction)
+    unlikely = sequence_logps(log1m_exp(token_logps), mask, reduction=reduction)
+    loss, metrics = unlikelihood_loss(logps, unlikely, label, ref_logps=torch.zeros(4, dtype=F64))
+    expected = naive_unlikelihood(token_logps, mask, label, reduction)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    assert set(metrics) == POINTWISE_KEYS
+
+
+def test_log1m_exp_is_stable_and_floored():
+    x = torch.tensor([-1e-12, -1e-4, -0.5, -0.7, -1.0, -30.0, -800.0, 0.0], dtype=F64)
+    x.requires_grad_(True)
+    got = log1m_exp(x)
+    for value, lp in zip(got.tolist()[1:6], x.tolist()[1:6], strict=True):
+        assert value == pytest.approx(math.log(-math.expm1(lp)), rel=1e-12)
+    assert got[6].item() == 0.0  # log1p(-exp(-800)), no underflow to -inf
+    # p = 1 (and padding with log-prob 0): floored at log(1e-5), finite, no gradient
+    assert got[0].item() == got[7].item() == pytest.approx(math.log(1e-5), rel=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0] == x.grad[7] == 0.0
+    # d/dx log(1 - e^x) = -e^x / (1 - e^x)
+    assert x.grad[2].item() == pytest.approx(-math.exp(-0.5) / -math.expm1(-0.5), rel=1e-10)
+
+
+def test_unlikelihood_pushes_undesirable_tokens_down():
+    token_logps, mask = _token_inputs(seed=61)
+    token_logps.requires_grad_(True)
+    from megatron_pwdpo.logprobs import sequence_logps
+
+    logps = sequence_logps(token_logps, mask, reduction="sum")
+    unlikely = sequence_logps(log1m_exp(token_logps), mask, reduction="sum")
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64)
+    loss, _ = unlikelihood_loss(logps, unlikely, label)
+    loss.sum().backward()
+    grad = token_logps.grad
+    kept = mask.bool()
+    # gradient descent raises desirable tokens' log-probs and lowers undesirable ones'
+    assert (grad[0][kept[0]] < 0).all() and (grad[2][kept[2]] < 0).all()
+    assert (grad[1][kept[1]] > 0).all() and (grad[3][kept[3]] > 0).all()
+    assert (grad[~kept] == 0).all()
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
@@ -364,6 +465,7 @@ def _all_losses(requires_grad: bool):
         "ipo": ipo_loss(*pair, beta=0.1),
         "kto": kto_loss(lp, rl, label > 0.5, torch.tensor(0.1), beta=0.1),
         "sft": sft_loss(lp),
+        "unlikelihood": unlikelihood_loss(lp, log1m_exp(-lp.abs()), label, ref_logps=rl),
     }
 
 
@@ -501,3 +603,27 @@ def test_losses_module_imports_no_distributed_or_megatron():
             names.append(node.module or "")
     assert names, "the AST walk found no imports"
     assert not [n for n in names if n.startswith(("torch.distributed", "megatron"))]
+
+
+def test_step_feeds_unlikelihood_its_token_wise_term():
+    """The training step's loss_func hands the unlikelihood objective ``log(1 - p_t)``
+    reduced as ``logp`` is (config -> make_objective -> loss_func), and reports metrics."""
+    from megatron_pwdpo.config import LossConfig
+    from megatron_pwdpo.step import loss_func, make_objective, metric_names
+
+    token_logps, mask = _token_inputs(seed=62)
+    label = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=F64)
+    batch = {
+        "loss_mask": mask,
+        "label": label,
+        "weight": torch.full((4,), 0.25, dtype=F64),
+        "ref_logps": torch.zeros(4, dtype=F64),
+    }
+    for reduction in ("sum", "mean"):
+        objective = make_objective(LossConfig(name="unlikelihood", logp_reduction=reduction))
+        loss, report = loss_func(
+            token_logps, batch=batch, objective=objective, reduction=reduction, grad_scale=1.0
+        )
+        expected = naive_unlikelihood(token_logps, mask, label, reduction).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+        assert set(report) == set(metric_names(objective))
