@@ -3,7 +3,7 @@
 For tests and CPU users only: ``pretrain_pwdpo.py`` installs it when CUDA is absent, and
 on a GPU it is never imported. It extends :mod:`megatron_pwdpo.cpu_bridge` (which covers
 ``megatron.core``) to the CUDA assumptions of ``megatron.training`` (Megatron-LM
-``core_v0.16.1``), in the order ``pretrain()`` meets them:
+``core_v0.16.1`` and ``core_v0.19.0``), in the order ``pretrain()`` meets them:
 
 * ``initialize_megatron`` asserts CUDA unless ``allow_no_cuda``; it is called with it;
 * torch.distributed: a gloo process group is started here (torchrun's environment), so
@@ -12,8 +12,9 @@ on a GPU it is never imported. It extends :mod:`megatron_pwdpo.cpu_bridge` (whic
   and seed the tensor-parallel RNG tracker only when ``torch.cuda.device_count() > 0``:
   inside ``megatron.training.initialize`` the device count reads 1 (the tracker itself
   runs on the CPU through ``megatron_pwdpo.cpu_bridge``);
-* the fused kernels need nvcc and the JIT warm-up draws CUDA random numbers: both skipped
-  (the local layer spec uses neither);
+* the fused kernels need nvcc (core_v0.16.1 loads them; core_v0.19.0 no longer has them)
+  and the JIT warm-up draws CUDA random numbers: both skipped (the local layer spec uses
+  neither);
 * ``get_model`` calls ``model_module.cuda()``, ``evaluate`` a tensor's ``.cuda()``: the
   identity while they run;
 * tensors made with a literal ``device='cuda'`` (loss accumulators, flags, timers),
@@ -48,6 +49,9 @@ _TRAINING_MODULES = (
     "megatron.core.rerun_state_machine",
     "megatron.core.timers",
 )
+# Modules that only some releases have: core_v0.19.0 split ``megatron.training.utils`` into
+# a package whose functions live (and read ``torch``) in ``common_utils``.
+_OPTIONAL_TRAINING_MODULES = ("megatron.training.utils.common_utils",)
 
 
 class _CudaCountsOne(cpu_bridge._CudaOnCpu):
@@ -152,10 +156,15 @@ def install() -> bool:
     _start_gloo()
     for name in _TRAINING_MODULES:
         importlib.import_module(name).torch = _TorchForTraining()
+    for name in _OPTIONAL_TRAINING_MODULES:
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(name).torch = _TorchForTraining()
     initialize = importlib.import_module("megatron.training.initialize")
     initialize.torch = _TorchForInitialize()
-    initialize._warmup_jit_function = lambda: None
-    initialize.fused_kernels.load = lambda args: None
+    initialize._warmup_jit_function = lambda *args, **kwargs: None  # no CUDA JIT warm-up
+    fused = getattr(initialize, "fused_kernels", None)  # core_v0.16.1; gone in core_v0.19.0
+    if fused is not None:
+        fused.load = lambda args: None
     training = importlib.import_module("megatron.training.training")
     training.initialize_megatron = functools.partial(
         training.initialize_megatron, allow_no_cuda=True

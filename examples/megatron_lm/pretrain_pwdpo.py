@@ -160,7 +160,11 @@ def log_every_metric(training_log):
             fields = [f"{k} {float(v):.9g}" for k, v in loss_dict.items()]
             if grad_norm is not None:
                 fields.append(f"grad_norm {float(grad_norm):.9g}")
-            print(" | ".join([f"megatron-pwdpo | iteration {iteration}", *fields]), flush=True)
+            line = " | ".join([f"megatron-pwdpo | iteration {iteration}", *fields])
+            # one write: print() writes the text and its newline apart, so under
+            # PYTHONUNBUFFERED another rank's line (the memory report) could land inside it
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         return out
 
     return logged
