@@ -33,11 +33,19 @@ preference YAML (``train.sft_steps > 0``); a stage has the same rows and the sam
 truth: :func:`megatron_args` are the Megatron-LM arguments it implies (the example's
 ``args_defaults``), and :func:`contradictions` names every Megatron-LM flag that differs.
 
-Supported: ``sft``, ``pointwise_dpo`` and ``ulma`` (whose demonstrations need no
-reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), with
-``loss.normalization=global_mean`` and no packing; the main stage of a preference loss
-needs ``train.sft_steps=0``. :func:`unsupported` names everything else, one line each,
-before any work is done. See ``examples/megatron_lm/``.
+Pair-wise losses (``dpo``, ``ipo``) train on chosen/rejected pairs, as there; an item
+is still one row, so Megatron-LM counts rows: its micro-batch and global batch sizes are
+twice the YAML's (which count pairs, :func:`megatron_args`), and the items of each
+micro-batch are its pairs' chosen rows, then their rejected rows, the stacking
+``step._split_pairs`` undoes (:func:`pairwise_item`). The loss weight of a pair is
+``1 / global_batch_size`` (pairs), on the chosen row's item (:func:`pair_weights`
+drops the rejected half in the forward step).
+
+Supported: ``sft``, ``pointwise_dpo``, ``ulma`` (whose demonstrations need no
+reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), ``dpo`` and
+``ipo``, with ``loss.normalization=global_mean`` and no packing; the main stage of a
+preference loss needs ``train.sft_steps=0``. :func:`unsupported` names everything
+else, one line each, before any work is done. See ``examples/megatron_lm/``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_pwdpo.batches import pair_up
 from megatron_pwdpo.config import ConfigError, LossConfig, RunConfig
 from megatron_pwdpo.data.sampler import GlobalBatchSampler
 from megatron_pwdpo.data.tokenize import TokenizedRow, collate
@@ -57,13 +66,10 @@ from megatron_pwdpo.step import forward_step, make_objective, megatron_grad_scal
 
 STAGES = ("main", "sft")
 
-SUPPORTED_LOSSES = ("sft", "pointwise_dpo", "ulma")
+SUPPORTED_LOSSES = ("sft", "pointwise_dpo", "ulma", "dpo", "ipo")
+PAIRWISE = ("dpo", "ipo")  # an example is a (chosen, rejected) pair: 2 items
 
 _WHY_NOT = {
-    "dpo": "its micro-batches stack each chosen/rejected pair, and Megatron-LM's data "
-    "loader stacks single rows",
-    "ipo": "its micro-batches stack each chosen/rejected pair, and Megatron-LM's data "
-    "loader stacks single rows",
     "kto": "its KL reference point needs the policy and the reference on mismatched "
     "pairs of every global batch, which neither a row dataset nor a precomputed cache has",
 }
@@ -118,7 +124,7 @@ def unsupported(
         )
     if (
         stage == "main"
-        and loss.name in ("pointwise_dpo", "ulma")
+        and loss.name in ("pointwise_dpo", "ulma", *PAIRWISE)
         and (ref_cache or config.reference.cache_path) is None
     ):
         out.append(
@@ -175,31 +181,52 @@ def reference_logps(
     return {r.id: float(table[r.row_index]) for r in cache_rows(rows, loss_name=config.loss.name)}
 
 
+def pairwise_item(index: int, micro_batch_size: int) -> tuple[int, int]:
+    """Which pair and which of its rows item ``index`` of a pair-wise dataset is:
+    ``(position in the pair stream, 0 chosen / 1 rejected)``.
+
+    Megatron-LM's samplers cut the items into micro-batches of ``2 * micro_batch_size``
+    consecutive items, aligned at multiples of it; micro-batch ``j`` holds pairs
+    ``[j m, (j + 1) m)`` of the stream (``m = micro_batch_size``), chosen rows first::
+
+        items of micro-batch j:  c(jm) .. c(jm + m - 1)  r(jm) .. r(jm + m - 1)
+    """
+    block, offset = divmod(index, 2 * micro_batch_size)
+    side, within = divmod(offset, micro_batch_size)
+    return block * micro_batch_size + within, side
+
+
 class PointwiseRowDataset(torch.utils.data.Dataset):
     """Tokenised rows as fixed-width items for Megatron-LM's data loader.
 
     Args:
-        rows: tokenised rows.
+        rows: the examples: tokenised rows, or ``(chosen, rejected)`` pairs (``dpo``,
+            ``ipo``), whose items are their rows (:func:`pairwise_item`).
         seq_length: width every item is padded to.
         pad_id: padding token.
-        global_batch_size: rows per optimizer step (each row's loss weight is its inverse).
+        global_batch_size: examples (rows or pairs) per optimizer step (each
+            example's loss weight is its inverse; a pair's is on its chosen row's item,
+            0 on the rejected one's).
         ref_logps: reference log-prob per row id (:func:`reference_logps`); None for SFT.
         loss_name: the loss. With ``ulma``, demonstrations need no reference: theirs is
             NaN, unused (as in ``megatron-pwdpo train``); with any other loss (or None)
             every row needs one when ``ref_logps`` is given.
-        order: the sample stream: item ``i`` is row ``order.stream(i, 1)``; None = the
-            rows in file order, once.
-        num_samples: items (``order`` repeats the rows epoch after epoch); None = one
-            epoch of ``order`` (``len(rows)`` without it).
+        order: the example stream: example ``i`` is ``order.stream(i, 1)``; None = the
+            examples in file order, once.
+        num_samples: items (``order`` repeats the examples epoch after epoch); None = one
+            epoch of ``order`` (``len(rows)`` without it; twice that for pairs).
+        micro_batch_size: pairs per micro-batch (pair-wise only; Megatron-LM's
+            ``--micro-batch-size`` is twice it).
 
     Raises:
         KeyError: a row that needs a reference log-prob has none (names the row).
-        ValueError: a preference loss without ``ref_logps``.
+        ValueError: a preference loss without ``ref_logps``; pairs without
+            ``micro_batch_size``.
     """
 
     def __init__(
         self,
-        rows: Sequence[TokenizedRow],
+        rows: Sequence[TokenizedRow] | Sequence[tuple[TokenizedRow, TokenizedRow]],
         *,
         seq_length: int,
         pad_id: int,
@@ -208,44 +235,68 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         loss_name: str | None = None,
         order: GlobalBatchSampler | None = None,
         num_samples: int | None = None,
+        micro_batch_size: int | None = None,
     ):
         from megatron_pwdpo.reference import needs_reference
+
+        self.pairs = bool(rows) and isinstance(rows[0], tuple)
+        if self.pairs and micro_batch_size is None:
+            raise ValueError("chosen/rejected pairs need micro_batch_size (pairs per micro-batch)")
+        flat = [r for pair in rows for r in pair] if self.pairs else list(rows)
 
         def needs(row: TokenizedRow) -> bool:
             return loss_name != "ulma" or needs_reference(row)
 
-        if ref_logps is None and loss_name not in (None, "sft") and any(map(needs, rows)):
+        if ref_logps is None and loss_name not in (None, "sft") and any(map(needs, flat)):
             raise ValueError(f"loss.name={loss_name} needs ref_logps (the reference cache)")
         missing = (
-            [] if ref_logps is None else [r.id for r in rows if needs(r) and r.id not in ref_logps]
+            [] if ref_logps is None else [r.id for r in flat if needs(r) and r.id not in ref_logps]
         )
         if missing:
             raise KeyError(f"no reference log-prob for {len(missing)} rows, e.g. {missing[0]}")
-        if order is None and num_samples is not None and num_samples > len(rows):
-            raise ValueError(f"num_samples={num_samples} > {len(rows)} rows needs an order")
+        per_example = 2 if self.pairs else 1
+        epoch = per_example * (len(rows) if order is None else order.epoch_length)
+        if order is None and num_samples is not None and num_samples > epoch:
+            raise ValueError(f"num_samples={num_samples} > {epoch} items needs an order")
         self.rows, self.seq_length, self.pad_id = rows, seq_length, pad_id
         self.weight = 1.0 / global_batch_size
         self.ref_logps = ref_logps
         self.order = order
-        epoch = len(rows) if order is None else order.epoch_length
+        self.micro_batch_size = micro_batch_size
         self.length = epoch if num_samples is None else num_samples
 
     def __len__(self) -> int:
         return self.length
 
+    def _example(self, position: int):
+        return self.rows[position if self.order is None else int(self.order.stream(position, 1)[0])]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"item {index} of {self.length}")
-        row = self.rows[index if self.order is None else int(self.order.stream(index, 1)[0])]
+        weight = self.weight
+        if self.pairs:
+            position, side = pairwise_item(index, self.micro_batch_size)
+            row = self._example(position)[side]
+            weight = 0.0 if side else weight
+        else:
+            row = self._example(index)
         item = {
             k: v[0]
             for k, v in collate([row], seq_length=self.seq_length, pad_id=self.pad_id).items()
         }
-        item["weight"] = torch.tensor(self.weight)
+        item["weight"] = torch.tensor(weight)
         if self.ref_logps is not None:
             ref = self.ref_logps.get(row.id, float("nan"))  # NaN: a ULMA demonstration
             item["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
         return item
+
+
+def pair_weights(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pair-wise micro-batch of items (chosen rows, then rejected rows) with one loss
+    weight per pair (its chosen row's), as ``batches.rank_micro_batches`` makes it."""
+    half = batch["weight"].shape[0] // 2
+    return {**batch, "weight": batch["weight"][:half]}
 
 
 def select_stage(config: RunConfig, data, stage: str = "main") -> Stage:
@@ -295,17 +346,22 @@ def build_datasets(
     """The train and validation datasets of :func:`prepare`'s ``(data, ref_logps, stage)``.
 
     Args:
+        global_batch_size: examples (rows, or pairs for ``dpo``/``ipo``) per step:
+            ``train.global_batch_size``.
         num_samples: Megatron-LM's ``train_val_test_num_samples`` (``[train, valid,
-            ...]``); the training set then holds that many items of ``megatron-pwdpo
-            train``'s sample stream of the stage (``train.seed``; ``data.balance_classes``),
-            the validation set cycles through the held-out rows in order. None: one
-            epoch each.
+            ...]``, in items: rows); the training set then holds that many items of
+            ``megatron-pwdpo train``'s sample stream of the stage (``train.seed``;
+            ``data.balance_classes``), the validation set cycles through the held-out
+            examples in order. None: one epoch each.
         stage: the stage (:func:`select_stage`); None = the main stage's rows
             (``data.train``, ``data.eval``) and ``loss.name``.
     """
     train_rows = data.train if stage is None else stage.examples
     eval_rows = data.eval if stage is None else stage.eval_examples
     loss_name = config.loss.name if stage is None else stage.loss.name
+    pairs = isinstance(train_rows[0], tuple)
+    if stage is None and loss_name in PAIRWISE:
+        train_rows, eval_rows, pairs = pair_up(train_rows), pair_up(eval_rows), True
 
     def dataset(rows, order, length) -> PointwiseRowDataset:
         return PointwiseRowDataset(
@@ -317,6 +373,7 @@ def build_datasets(
             loss_name=loss_name,
             order=order,
             num_samples=length,
+            micro_batch_size=config.train.micro_batch_size if pairs else None,
         )
 
     train_samples, valid_samples = (None, None) if num_samples is None else num_samples[:2]
@@ -324,14 +381,25 @@ def build_datasets(
         len(train_rows),
         global_batch_size=global_batch_size,
         seed=config.train.seed,
-        labels=[r.label for r in train_rows],
-        balance=config.data.balance_classes and loss_name != "sft",  # as run_stage
+        labels=None if pairs else [r.label for r in train_rows],  # as run_stage
+        balance=config.data.balance_classes and loss_name != "sft",
     )
     cycle = GlobalBatchSampler(len(eval_rows), global_batch_size=1, seed=0, shuffle=False)
+    per_example = 2 if pairs else 1
     return (
         dataset(train_rows, stream, train_samples),
-        dataset(eval_rows, cycle, max(valid_samples or 0, len(eval_rows))),
+        dataset(eval_rows, cycle, max(valid_samples or 0, per_example * len(eval_rows))),
     )
+
+
+class _Mapped:
+    """``next()`` of an iterator-like object (one with only ``__next__``) through ``fn``."""
+
+    def __init__(self, source, fn):
+        self.source, self.fn = source, fn
+
+    def __next__(self):
+        return self.fn(next(self.source))
 
 
 def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_size: int):
@@ -346,7 +414,7 @@ def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_
             f"Megatron-LM's pretrain() supports loss.name in {SUPPORTED_LOSSES} with "
             f"loss.normalization=global_mean, not {loss.name} with {loss.normalization}"
         )
-    return partial(
+    step = partial(
         forward_step,
         objective=make_objective(loss),
         reduction=loss.logp_reduction,
@@ -354,6 +422,14 @@ def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_
             num_microbatches=num_microbatches, data_parallel_size=data_parallel_size
         ),
     )
+    if loss.name not in PAIRWISE:
+        return step
+
+    def pairwise_step(data_iterator, model):
+        # Megatron-LM's RerunDataIterator has __next__ but no __iter__ (no map())
+        return step(_Mapped(data_iterator, pair_weights), model)
+
+    return pairwise_step
 
 
 def model_provider(config: RunConfig):
@@ -434,6 +510,8 @@ def megatron_args(config: RunConfig, stage: Stage) -> list[tuple[str, object, st
     m, p, t, d = config.model, config.parallel, config.train, config.data
     groups = m.num_query_groups or m.num_attention_heads
     sft = stage.loss.name == "sft" and config.loss.name != "sft"
+    # Megatron-LM counts items (rows); a pair is two (see the module docstring)
+    rows, per = (2, "2 x ") if stage.loss.name in PAIRWISE else (1, "")
     out = [
         ("num_layers", m.num_layers, "model.num_layers"),
         ("hidden_size", m.hidden_size, "model.hidden_size"),
@@ -453,8 +531,8 @@ def megatron_args(config: RunConfig, stage: Stage) -> list[tuple[str, object, st
         ("seq_length", d.seq_length, "data.seq_length"),
         ("tokenizer_type", _tokenizer_type(config), "data.tokenizer_type"),
         ("tokenizer_model", str(d.tokenizer), "data.tokenizer"),
-        ("micro_batch_size", t.micro_batch_size, "train.micro_batch_size"),
-        ("global_batch_size", t.global_batch_size, "train.global_batch_size"),
+        ("micro_batch_size", rows * t.micro_batch_size, per + "train.micro_batch_size"),
+        ("global_batch_size", rows * t.global_batch_size, per + "train.global_batch_size"),
         ("train_iters", stage.steps, "train.sft_steps" if sft else "train.steps"),
         ("lr", stage.lr, "train.sft_lr" if sft else "train.lr"),
         ("min_lr", t.min_lr, "train.min_lr"),

@@ -1,4 +1,4 @@
-"""Point-wise DPO, ULMA or SFT inside Megatron-LM's own training loop (``pretrain()``).
+"""Point-wise DPO, ULMA, DPO, IPO or SFT inside Megatron-LM's own training loop (``pretrain()``).
 
 Run with Megatron-LM's ``megatron/training`` on the path (``megatron.training`` is part of
 Megatron-LM, not of the megatron-core wheel; tested with Megatron-LM ``core_v0.16.1``)
@@ -20,6 +20,10 @@ stops the run with one line naming both values, as do ``--context-parallel-size`
 and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.megatron_lm.contradictions``).
 The parallel flags (tensor, pipeline, virtual pipeline, sequence parallel) choose the
 layout; the YAML's ``parallel`` section is only their default.
+
+With ``dpo`` or ``ipo`` Megatron-LM's batch sizes count rows, two per pair: its
+``--micro-batch-size`` and ``--global-batch-size`` are twice the YAML's (the defaults
+say so; another value is refused).
 
 ``--pwdpo-stage sft`` trains the SFT stage of a preference YAML (``train.sft_steps > 0``):
 the demonstrations with token-mean log-probs, as ``megatron-pwdpo train``'s SFT stage.
@@ -129,7 +133,7 @@ def datasets_provider(num_samples, vp_stage=None, *, config, data, ref_logps, st
         config,
         data,
         ref_logps,
-        global_batch_size=get_args().global_batch_size,
+        global_batch_size=config.train.global_batch_size,  # examples: rows or pairs
         num_samples=num_samples,
         stage=stage,
     )

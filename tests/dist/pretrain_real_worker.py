@@ -1,6 +1,6 @@
 """Run under torchrun by ``test_pretrain_real.py``: for each layout, step 1 of
 ``megatron-pwdpo train`` and iteration 1 of Megatron-LM's real ``pretrain()`` (the
-example's ``main()``) for point-wise DPO, ULMA and SFT, from one initial checkpoint.
+example's ``main()``) for point-wise DPO, ULMA, SFT and DPO, from one initial checkpoint.
 
 Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
 most of a run's cost on CPU), on one gloo process group: between runs Megatron's
@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "megatron_lm" / "pretrain_pwdpo.py"
 LAYOUTS = {"single": (1, 1), "dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
-LOSSES = ("pointwise_dpo", "ulma", "sft")
+LOSSES = ("pointwise_dpo", "ulma", "sft", "dpo")
 LINE = re.compile(r"megatron-pwdpo \| iteration 1 \| loss (\S+) .*\| grad_norm (\S+)")
 
 

@@ -9,7 +9,7 @@ CPU through ``examples/megatron_lm/cpu_training_bridge.py``:
   saves at 2 and 3, TensorBoard);
 * iteration 1 of ``pretrain()`` equals step 1 of ``megatron-pwdpo train`` (loss and
   gradient norm, relative difference <= 1e-6), both from that initial checkpoint, for
-  point-wise DPO, ULMA and SFT, at 1 process, DP=2, TP=2 and PP=2 (one launch per world
+  point-wise DPO, ULMA, SFT and DPO (pairs: two items each), at 1 process, DP=2, TP=2 and PP=2 (one launch per world
   size: ``pretrain_real_worker.py``);
 * a resume from the iteration-2 checkpoint reproduces iteration 3; the iteration-3
   checkpoint initialises ``megatron-pwdpo train`` (its held-out loss is Megatron-LM's);
@@ -110,7 +110,8 @@ def work(tmp_path_factory):
         "train.steps=1",
     ]
     no_cache = ["reference.mode=resident", "reference.cache_path=null"]
-    for loss, extra in [("pointwise_dpo", []), ("ulma", []), ("sft", no_cache), ("kto", no_cache)]:
+    losses = [("pointwise_dpo", []), ("ulma", []), ("sft", no_cache), ("dpo", [])]
+    for loss, extra in [*losses, ("kto", no_cache)]:
         config = load_config(yaml, [*absolute, f"loss.name={loss}", *extra])
         (folder / f"{loss}.yaml").write_text(dump_yaml(config))
     return folder
@@ -130,7 +131,7 @@ def _results(stdout: str) -> dict[tuple[str, str, str], dict]:
 
 def _assert_equal_first_steps(results, layouts) -> None:
     for layout in layouts:
-        for loss in ("pointwise_dpo", "ulma", "sft"):
+        for loss in ("pointwise_dpo", "ulma", "sft", "dpo"):
             ours = results[(layout, loss, "megatron-pwdpo train")]
             theirs = results[(layout, loss, "pretrain()")]
             for key in ("value", "grad_norm"):
@@ -145,9 +146,9 @@ def test_one_process_iteration_1_equals_megatron_pwdpo_train_and_refusals(work):
     # SFT trains the demonstrations with the token mean (a per-token NLL near ln 2048),
     # not every row with the YAML's summed log-probs (hundreds)
     assert 5 < results[("single", "sft", "pretrain()")]["value"] < 10
-    assert results[("single", "pointwise_dpo", "pretrain()")]["value"] == pytest.approx(
-        math.log(2), rel=1e-6
-    )  # the policy is its reference at iteration 1
+    for loss in ("pointwise_dpo", "dpo"):  # the policy is its reference at iteration 1
+        value = results[("single", loss, "pretrain()")]["value"]
+        assert value == pytest.approx(math.log(2), rel=1e-6), loss
     refused = {
         json.loads(line[8:])["case"]: json.loads(line[8:])["message"]
         for line in stdout.splitlines()

@@ -92,6 +92,73 @@ def test_default_collate_batch_gives_our_loss():
         torch.testing.assert_close(ra[key], rb[key])
 
 
+def _pairs(count: int = 4):
+    """Chosen/rejected rows with the ids ``pair_up`` reads (``<pair>-c``, ``<pair>-r``)."""
+    g = np.random.default_rng(2)
+    rows = []
+    for i in range(count):
+        for side, label in (("c", 1.0), ("r", 0.0)):
+            ids = g.integers(4, 50, size=int(g.integers(6, 12)))
+            rows.append(TokenizedRow(len(rows), ids, 3, label, label == 1.0, f"p{i}-{side}"))
+    return rows
+
+
+class _NextOnly:
+    """Megatron-LM's ``RerunDataIterator``: ``__next__`` and no ``__iter__``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __next__(self):
+        return next(self.source)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+def test_pairwise_items_stack_chosen_then_rejected_and_give_our_loss(name, monkeypatch):
+    """Two micro-batches of 2 pairs: Megatron-LM's collate of items [4 j, 4 j + 4) is
+    ``rank_micro_batches``' micro-batch j (chosen rows, then rejected), with one loss
+    weight per pair; the loss and metrics are those of our own loop."""
+    from megatron_pwdpo.batches import pair_up
+
+    pairs = pair_up(_pairs())
+    ref = {r.id: -2.0 + 0.1 * r.row_index for pair in pairs for r in pair}
+    loss_cfg = LossConfig(name=name, beta=0.3, logp_reduction="sum")
+    ds = PointwiseRowDataset(
+        pairs, seq_length=16, pad_id=0, global_batch_size=4, ref_logps=ref, loss_name=name,
+        micro_batch_size=2,
+    )  # fmt: skip
+    assert len(ds) == 8
+    assert [int(ds[i]["label"]) for i in range(8)] == [1, 1, 0, 0, 1, 1, 0, 0]
+    ours = rank_micro_batches(
+        pairs, dp_rank=0, dp_size=1, micro_batch_size=2, pad_id=0, weights=np.full(4, 0.25)
+    )
+    step = make_forward_step(loss_cfg, num_microbatches=2, data_parallel_size=1)
+    monkeypatch.setattr(
+        "megatron_pwdpo.step.model_token_logps",
+        lambda model, tokens, positions, targets, mask, **_: _fake_token_logps(
+            {"target_ids": targets}
+        ),
+    )
+    loader = iter(torch.utils.data.DataLoader(ds, batch_size=4))
+    loader = _NextOnly(loader)
+    for j, batch in enumerate(ours):
+        mine = [r for pair in pairs[2 * j : 2 * j + 2] for r in pair]
+        batch["ref_logps"] = torch.tensor([ref[r.id] for r in mine[0::2] + mine[1::2]])
+
+        output, loss_of = step(loader, torch.nn.Linear(1, 1))  # a CPU "model"
+        theirs = loss_of.keywords["batch"]
+        assert theirs["weight"].tolist() == [0.25, 0.25]
+        torch.testing.assert_close(theirs["ref_logps"], batch["ref_logps"])
+        a, ra = loss_of(output)
+        kwargs = {k: loss_of.keywords[k] for k in ("objective", "reduction", "grad_scale")}
+        b, rb = loss_func(_fake_token_logps(batch), batch=batch, **kwargs)
+        assert a.item() == pytest.approx(b.item(), rel=1e-6), j
+        for key in ra:
+            torch.testing.assert_close(ra[key], rb[key])
+    with pytest.raises(ValueError, match="need micro_batch_size"):
+        PointwiseRowDataset(pairs, seq_length=16, pad_id=0, global_batch_size=4, ref_logps=ref)
+
+
 def test_missing_reference_is_refused():
     rows = _rows()
     with pytest.raises(KeyError, match="no reference log-prob for 1 rows"):
@@ -248,11 +315,7 @@ def test_an_incomplete_or_stale_cache_is_refused(tmp_path, reference_ckpt):
     ("overrides", "message"),
     [
         (["loss.name=kto"], "loss.name=kto is not supported .* KL reference point"),
-        (["loss.name=dpo"], "loss.name=dpo is not supported .* chosen/rejected pair"),
-        (
-            ["loss.name=ipo", "loss.logp_reduction=mean"],
-            "loss.name=ipo is not supported .* chosen/rejected pair",
-        ),
+        (["loss.name=dpo", "reference.cache_path=null"], "loss.name=dpo needs the reference"),
         (["loss.normalization=per_class"], "loss.normalization=per_class is not supported"),
         (["train.sft_steps=10"], "train.sft_steps=10 is not supported"),
         (["data.packing=masked"], "data.packing=masked is not supported"),
@@ -272,8 +335,9 @@ def test_each_unsupported_option_is_refused_in_one_line(overrides, message):
 
 def test_supported_configs_and_all_problems_at_once():
     base = ["train.sft_steps=0", "reference.cache_path=ref.npz"]
-    for loss in ("pointwise_dpo", "ulma", "sft"):
-        assert unsupported(load_config(DEFAULT_CONFIG, [*base, f"loss.name={loss}"])) == []
+    for loss in ("pointwise_dpo", "ulma", "sft", "dpo", "ipo"):
+        mean = ["loss.logp_reduction=mean"] if loss == "ipo" else []  # IPO's scale
+        assert unsupported(load_config(DEFAULT_CONFIG, [*base, f"loss.name={loss}", *mean])) == []
     sft = load_config(DEFAULT_CONFIG, ["loss.name=sft", "train.sft_steps=100"])
     assert unsupported(sft) == []  # no cache, and sft_steps only matter to a preference loss
     no_cache = load_config(DEFAULT_CONFIG, ["train.sft_steps=0"])
@@ -286,7 +350,6 @@ def test_supported_configs_and_all_problems_at_once():
     "loss",
     [
         LossConfig(name="kto"),
-        LossConfig(name="dpo"),
         LossConfig(name="pointwise_dpo", normalization="per_class"),
     ],
 )
@@ -461,3 +524,48 @@ def test_megatron_lm_sampler_takes_the_global_batches_of_megatron_pwdpo_train(ba
     assert [int(valid[i]["tokens"][0]) for i in range(7)] == [40, 41, 42, 40, 41, 42, 40]
     with pytest.raises(IndexError):
         train[44]
+
+
+def test_pairwise_items_follow_megatron_pwdpo_trains_pair_stream_and_batch_sizes_double():
+    """DPO: Megatron-LM's global batch k is items [2 k G, 2 (k+1) G) (G pairs); they hold
+    the pairs ``megatron-pwdpo train`` puts in its global batch k, each micro-batch of
+    2 m items its m pairs' chosen rows then rejected rows; Megatron-LM's batch sizes
+    count rows: twice the YAML's, and the YAML's own value is then a contradiction."""
+    config = load_config(
+        DEFAULT_CONFIG,
+        [
+            "train.sft_steps=0",
+            "loss.name=dpo",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+        ],
+    )
+    rows = _pairs(10)
+    for i, r in enumerate(rows):  # a row is told apart by its first token
+        r.input_ids[0] = 5 + i
+    tokenizer = types.SimpleNamespace(pad_id=0)
+    data = types.SimpleNamespace(train=rows[:14], eval=rows[14:], tokenizer=tokenizer)
+    G, m = config.train.global_batch_size, config.train.micro_batch_size
+    refs = {r.id: -1.0 for r in rows}
+    train, valid = build_datasets(config, data, refs, global_batch_size=G, num_samples=[48, 3])
+    assert (len(train), len(valid)) == (48, 6)  # valid: at least every held-out pair
+    sampler = GlobalBatchSampler(7, global_batch_size=G, seed=config.train.seed)
+    for k in range(48 // (2 * G)):
+        pairs = sampler.global_batch(k * G).tolist()
+        expected = []
+        for j in range(0, G, m):
+            chunk = pairs[j : j + m]
+            expected += [2 * p for p in chunk] + [2 * p + 1 for p in chunk]
+        got = [int(train[i]["tokens"][0]) - 5 for i in range(2 * k * G, 2 * (k + 1) * G)]
+        assert got == expected, k
+    weights = [float(train[i]["weight"]) for i in range(2 * m)]
+    assert weights == [1 / G] * m + [0.0] * m
+
+    stage = select_stage(config, types.SimpleNamespace(**vars(data)))
+    defaults = {dest: value for dest, value, _ in megatron_args(config, stage)}
+    assert defaults["micro_batch_size"] == 2 * config.train.micro_batch_size
+    assert defaults["global_batch_size"] == 2 * config.train.global_batch_size
+    given = _args(config, stage, micro_batch_size=config.train.micro_batch_size)
+    assert contradictions(given, config, stage) == [
+        f"--micro-batch-size {m} differs from the YAML's 2 x train.micro_batch_size={2 * m}"
+    ]
