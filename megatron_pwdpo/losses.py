@@ -271,7 +271,8 @@ def kto_loss(
       undesirable_weight: ``w_U``.
 
     Returns:
-      ``(loss [n], metrics)``; the metric reward is ``beta (logp - ref_logp)``.
+      ``(loss [n], metrics)``; the metric reward is ``beta (logp - ref_logp)``, ``kl``
+      the reference point used (clamped at 0).
 
     References:
       Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic
@@ -283,7 +284,9 @@ def kto_loss(
     loss_d = desirable_weight * torch.sigmoid(-beta * (logratio - kl))
     loss_u = undesirable_weight * torch.sigmoid(-beta * (kl - logratio))
     loss = torch.where(desirable, loss_d, loss_u)
-    return loss, _pointwise_metrics(beta * logratio, logratio, loss, desirable)
+    metrics = _pointwise_metrics(beta * logratio, logratio, loss, desirable)
+    metrics["kl"] = _sum_count(kl.expand_as(loss))  # the reference point of the step
+    return loss, metrics
 
 
 def sft_loss(logps: Tensor) -> tuple[Tensor, Metrics]:

@@ -18,8 +18,8 @@ the data loaders and the schedule itself; it needs three callables from the user
   ``megatron-pwdpo train`` for as many steps as ``--train-iters`` asks, and resumes from
   its consumed-sample count.
 
-Megatron-LM's loop has no reference-model hook, so preference losses read the
-reference log-probs that ``megatron-pwdpo precompute-ref`` wrote (its ``.npz`` cache),
+Megatron-LM's loop has no reference-model hook, so preference losses (but KTO, below)
+read the reference log-probs that ``megatron-pwdpo precompute-ref`` wrote (its ``.npz`` cache),
 checked against the run like ``reference.mode=cache`` checks it
 (:func:`reference_logps`: fingerprint, every needed row, each row's tokens). Each row
 weighs ``1 / global_batch_size`` (the plain global mean); the reports are
@@ -41,10 +41,15 @@ micro-batch are its pairs' chosen rows, then their rejected rows, the stacking
 ``1 / global_batch_size`` (pairs), on the chosen row's item (:func:`pair_weights`
 drops the rejected half in the forward step).
 
+KTO needs a reference on each step's mismatched rows, which no cache holds: its items
+carry their mismatched row, and ``megatron_lm_kto.KtoForwardStep`` runs a resident
+reference (``reference.checkpoint``, else ``train.init_checkpoint``) and the KL point in
+the forward step, on one pipeline stage.
+
 Supported: ``sft``, ``pointwise_dpo``, ``ulma`` (whose demonstrations need no
-reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), ``dpo`` and
-``ipo``, with ``loss.normalization=global_mean`` and no packing; the main stage of a
-preference loss needs ``train.sft_steps=0``. :func:`unsupported` names everything
+reference: their ``ref_logps`` are NaN, as in ``megatron-pwdpo train``), ``dpo``,
+``ipo`` and ``kto``, with ``loss.normalization=global_mean`` and no packing; the main
+stage of a preference loss needs ``train.sft_steps=0``. :func:`unsupported` names everything
 else, one line each, before any work is done. See ``examples/megatron_lm/``.
 """
 
@@ -66,12 +71,12 @@ from megatron_pwdpo.step import forward_step, make_objective, megatron_grad_scal
 
 STAGES = ("main", "sft")
 
-SUPPORTED_LOSSES = ("sft", "pointwise_dpo", "ulma", "dpo", "ipo")
+SUPPORTED_LOSSES = ("sft", "pointwise_dpo", "ulma", "dpo", "ipo", "kto")
 PAIRWISE = ("dpo", "ipo")  # an example is a (chosen, rejected) pair: 2 items
+CACHED = ("pointwise_dpo", "ulma", *PAIRWISE)  # read precompute-ref's cache
 
 _WHY_NOT = {
-    "kto": "its KL reference point needs the policy and the reference on mismatched "
-    "pairs of every global batch, which neither a row dataset nor a precomputed cache has",
+    "unlikelihood": "its per-token log(1 - p) terms are not wired into this path",
 }
 
 
@@ -122,9 +127,21 @@ def unsupported(
             f"data.packing={data.packing} is not supported in Megatron-LM's pretrain(): "
             "its items are one row each, padded to data.seq_length; set data.packing=none"
         )
+    if stage == "main" and loss.name == "kto":
+        if ref_cache is not None:
+            out.append(
+                "loss.name=kto reads no reference cache (its KL point needs the reference "
+                "on each step's mismatched rows): drop --pwdpo-ref-cache; the reference is "
+                "reference.checkpoint, else train.init_checkpoint, resident like the policy"
+            )
+        if not (config.reference.checkpoint or config.train.init_checkpoint):
+            out.append(
+                "loss.name=kto needs the reference model's weights: set "
+                "reference.checkpoint (or train.init_checkpoint)"
+            )
     if (
         stage == "main"
-        and loss.name in ("pointwise_dpo", "ulma", *PAIRWISE)
+        and loss.name in CACHED
         and (ref_cache or config.reference.cache_path) is None
     ):
         out.append(
@@ -217,6 +234,10 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
             epoch of ``order`` (``len(rows)`` without it; twice that for pairs).
         micro_batch_size: pairs per micro-batch (pair-wise only; Megatron-LM's
             ``--micro-batch-size`` is twice it).
+        mismatched: each item also carries its mismatched row (KTO's KL point: the
+            prompt of stream position ``i`` with the response of the next position of
+            its global batch, cyclically; ``megatron_lm_kto.mismatched_item``); the
+            reference log-probs then come from the forward step, not ``ref_logps``.
 
     Raises:
         KeyError: a row that needs a reference log-prob has none (names the row).
@@ -236,6 +257,7 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         order: GlobalBatchSampler | None = None,
         num_samples: int | None = None,
         micro_batch_size: int | None = None,
+        mismatched: bool = False,
     ):
         from megatron_pwdpo.reference import needs_reference
 
@@ -247,7 +269,8 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         def needs(row: TokenizedRow) -> bool:
             return loss_name != "ulma" or needs_reference(row)
 
-        if ref_logps is None and loss_name not in (None, "sft") and any(map(needs, flat)):
+        needs_refs = loss_name not in (None, "sft") and not mismatched
+        if ref_logps is None and needs_refs and any(map(needs, flat)):
             raise ValueError(f"loss.name={loss_name} needs ref_logps (the reference cache)")
         missing = (
             [] if ref_logps is None else [r.id for r in flat if needs(r) and r.id not in ref_logps]
@@ -263,6 +286,7 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
         self.ref_logps = ref_logps
         self.order = order
         self.micro_batch_size = micro_batch_size
+        self.mismatched, self.global_batch_size = mismatched, global_batch_size
         self.length = epoch if num_samples is None else num_samples
 
     def __len__(self) -> int:
@@ -286,6 +310,16 @@ class PointwiseRowDataset(torch.utils.data.Dataset):
             for k, v in collate([row], seq_length=self.seq_length, pad_id=self.pad_id).items()
         }
         item["weight"] = torch.tensor(weight)
+        if self.mismatched:
+            from megatron_pwdpo.megatron_lm_kto import mismatched_item
+
+            batch, k = divmod(index, self.global_batch_size)
+            neighbour = self._example(
+                batch * self.global_batch_size + (k + 1) % self.global_batch_size
+            )
+            item.update(
+                mismatched_item(row, neighbour, seq_length=self.seq_length, pad_id=self.pad_id)
+            )
         if self.ref_logps is not None:
             ref = self.ref_logps.get(row.id, float("nan"))  # NaN: a ULMA demonstration
             item["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
@@ -328,7 +362,7 @@ def prepare(config: RunConfig, *, ref_cache: str | Path | None = None, stage: st
     data = prepare_data(config.data, vocab_size=config.model.vocab_size)
     chosen = select_stage(config, data, stage)
     ref = None
-    if chosen.loss.name != "sft":
+    if chosen.loss.name in CACHED:  # KTO's reference runs in its forward step
         rows = data.train + data.eval
         ref = reference_logps(config, rows, data.tokenizer, ref_cache=ref_cache)
     return data, ref, chosen
@@ -374,6 +408,7 @@ def build_datasets(
             order=order,
             num_samples=length,
             micro_batch_size=config.train.micro_batch_size if pairs else None,
+            mismatched=loss_name == "kto",
         )
 
     train_samples, valid_samples = (None, None) if num_samples is None else num_samples[:2]
@@ -409,6 +444,11 @@ def make_forward_step(loss: LossConfig, *, num_microbatches: int, data_parallel_
         ConfigError: a loss or normalisation this path does not support (see
             :func:`unsupported`).
     """
+    if loss.name == "kto":
+        raise ConfigError(
+            "Megatron-LM's pretrain() supports loss.name=kto through "
+            "megatron_lm_kto.KtoForwardStep (its reference and KL point run in the step)"
+        )
     if loss.name not in SUPPORTED_LOSSES or loss.normalization != "global_mean":
         raise ConfigError(
             f"Megatron-LM's pretrain() supports loss.name in {SUPPORTED_LOSSES} with "
@@ -590,6 +630,13 @@ def contradictions(args, config: RunConfig, stage: Stage) -> list[str]:
             f"--context-parallel-size {cp} is not supported: Megatron-LM's schedule "
             "multiplies each micro-batch's loss by the CP size, and the plugin's sequence "
             "log-probs are not summed across CP ranks; use tensor/pipeline/data parallelism"
+        )
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if stage.loss.name == "kto" and pp > 1:
+        out.append(
+            f"--pipeline-model-parallel-size {pp} is not supported with loss.name=kto: its "
+            "reference and KL passes run in the forward step, outside Megatron's pipeline "
+            "schedule; use tensor/data parallelism (or megatron-pwdpo train)"
         )
     if getattr(args, "calculate_per_token_loss", False):
         out.append(

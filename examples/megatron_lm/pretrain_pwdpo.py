@@ -1,8 +1,9 @@
-"""Point-wise DPO, ULMA, DPO, IPO or SFT inside Megatron-LM's own training loop (``pretrain()``).
+"""Point-wise DPO, ULMA, DPO, IPO, KTO or SFT in Megatron-LM's own loop (``pretrain()``).
 
 Run with Megatron-LM's ``megatron/training`` on the path (``megatron.training`` is part of
-Megatron-LM, not of the megatron-core wheel; tested with Megatron-LM ``core_v0.16.1``)
-and this package installed. For a preference loss, first write the reference log-probs
+Megatron-LM, not of the megatron-core wheel; tested with Megatron-LM ``core_v0.16.1`` and
+``core_v0.19.0``) and this package installed. For a preference loss (but KTO, below),
+first write the reference log-probs
 of every row with the same YAML (``train.sft_steps: 0`` and ``reference.checkpoint`` or
 ``train.init_checkpoint`` naming the reference)::
 
@@ -20,6 +21,11 @@ stops the run with one line naming both values, as do ``--context-parallel-size`
 and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.megatron_lm.contradictions``).
 The parallel flags (tensor, pipeline, virtual pipeline, sequence parallel) choose the
 layout; the YAML's ``parallel`` section is only their default.
+
+KTO reads no cache: its reference (``reference.checkpoint``, else
+``train.init_checkpoint``) is built like the policy and runs, with the KL point, in the
+forward step (``megatron_pwdpo.megatron_lm_kto``); it needs
+``--pipeline-model-parallel-size 1``.
 
 With ``dpo`` or ``ipo`` Megatron-LM's batch sizes count rows, two per pair: its
 ``--micro-batch-size`` and ``--global-batch-size`` are twice the YAML's (the defaults
@@ -140,6 +146,27 @@ def datasets_provider(num_samples, vp_stage=None, *, config, data, ref_logps, st
     return train, valid, None
 
 
+def _num_microbatches(training: bool) -> int:
+    """Micro-batches per data-parallel rank of a training iteration or of one
+    evaluation iteration (Megatron-LM 0.19 may evaluate with its own batch size)."""
+    if training:
+        return get_num_microbatches()
+    args = get_args()
+    evaluated = getattr(args, "eval_global_batch_size", None) or args.global_batch_size
+    return evaluated // (args.micro_batch_size * args.data_parallel_size)
+
+
+def kto_forward_step(config):
+    """KTO's forward step: the reference and the KL point run in it (PP=1)."""
+    from megatron_pwdpo.megatron_lm_kto import KtoForwardStep
+
+    return KtoForwardStep(
+        lambda: with_layout(config, get_args()),
+        num_microbatches=_num_microbatches,
+        data_parallel_group=parallel_state.get_data_parallel_group,
+    )
+
+
 def forward_step(data_iterator, model, *, stage):
     step = make_forward_step(
         stage.loss,
@@ -207,13 +234,16 @@ def main(argv=None):
         datasets_provider, config=config, data=data, ref_logps=ref_logps, stage=stage
     )
     datasets.is_distributed = True
+    step = functools.partial(forward_step, stage=stage)
+    if stage.loss.name == "kto":
+        step = kto_forward_step(config)
     sys.argv = [sys.argv[0], *argv]  # Megatron-LM parses sys.argv
     # Megatron-LM's pretrain() changed its call in core_v0.19.0 (a config container)
     compat.pretrain(
         datasets,
         functools.partial(provide_model, run=config),
         ModelType.encoder_or_decoder,
-        functools.partial(forward_step, stage=stage),
+        step,
         extra_args_provider=functools.partial(add_args, run=(config, stage)),
         args_defaults={dest: value for dest, value, _ in megatron_args(config, stage)},
     )

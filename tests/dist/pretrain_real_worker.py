@@ -1,6 +1,7 @@
 """Run under torchrun by ``test_pretrain_real.py``: for each layout, step 1 of
 ``megatron-pwdpo train`` and iteration 1 of Megatron-LM's real ``pretrain()`` (the
-example's ``main()``) for point-wise DPO, ULMA, SFT and DPO, from one initial checkpoint.
+example's ``main()``) for point-wise DPO, ULMA, SFT, DPO and KTO (not at PP=2: refused),
+from one initial checkpoint.
 
 Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
 most of a run's cost on CPU), on one gloo process group: between runs Megatron's
@@ -26,8 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "megatron_lm" / "pretrain_pwdpo.py"
 LAYOUTS = {"single": (1, 1), "dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
-LOSSES = ("pointwise_dpo", "ulma", "sft", "dpo")
+LOSSES = ("pointwise_dpo", "ulma", "sft", "dpo", "kto")
+ONE_STAGE = ("kto",)  # refused at PP > 1
 LINE = re.compile(r"megatron-pwdpo \| iteration 1 \| loss (\S+) .*\| grad_norm (\S+)")
+KL = re.compile(r"megatron-pwdpo \| iteration 1 \| .*\| kl (\S+)")
 
 
 def _last_rank() -> bool:
@@ -59,7 +62,7 @@ def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
             if m.get("split", "train") == "train" and m.get("step") == 1
         )
         _emit(layout=layout, loss=config.loss.name, loop="megatron-pwdpo train",
-              value=step["loss"], grad_norm=step["grad_norm"])  # fmt: skip
+              value=step["loss"], grad_norm=step["grad_norm"], kl=step.get("kl"))  # fmt: skip
 
 
 def _reset_megatron_lm() -> None:
@@ -85,8 +88,12 @@ def _keep_the_process_group() -> None:
     distributed.shutdown = parallel_state.destroy_model_parallel
 
 
-def run_pretrain(example, yaml: Path, layout: str, init: Path, loss: str) -> None:
-    """The example under Megatron-LM's ``pretrain()`` for one iteration."""
+def run_pretrain(example, yaml: Path, layout: str, loss: str) -> None:
+    """The example under Megatron-LM's ``pretrain()`` for one iteration, from the YAML's
+    initial checkpoint (``--load``, weights only)."""
+    from megatron_pwdpo.config import load_config
+
+    init = load_config(yaml).train.init_checkpoint
     tp, pp = LAYOUTS[layout]
     argv = [
         "--pwdpo-config", str(yaml),
@@ -104,8 +111,9 @@ def run_pretrain(example, yaml: Path, layout: str, init: Path, loss: str) -> Non
         found = LINE.search(text)
         if found is None:
             raise RuntimeError(f"no iteration-1 line in pretrain()'s log:\n{text[-3000:]}")
-        _emit(layout=layout, loss=loss, loop="pretrain()",
-              value=float(found[1]), grad_norm=float(found[2]))  # fmt: skip
+        kl = KL.search(text)
+        _emit(layout=layout, loss=loss, loop="pretrain()", value=float(found[1]),
+              grad_norm=float(found[2]), kl=kl and float(kl[1]))  # fmt: skip
     _reset_megatron_lm()
 
 
@@ -116,7 +124,8 @@ def refusals(example, work: Path) -> None:
         "flags": ["--pwdpo-config", pointwise, "--hidden-size", "256",
                   "--context-parallel-size", "2", "--calculate-per-token-loss"],
         "missing_checkpoint": ["--pwdpo-config", pointwise, "--load", str(work / "nothing")],
-        "kto": ["--pwdpo-config", str(work / "kto.yaml")],
+        "kto_pp2": ["--pwdpo-config", str(work / "kto.yaml"),
+                    "--pipeline-model-parallel-size", "2"],
     }  # fmt: skip
     for case, argv in cases.items():
         with contextlib.redirect_stdout(io.StringIO()):
@@ -134,7 +143,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True, help="the test's folder")
     parser.add_argument("--layouts", required=True, help="comma-separated, of LAYOUTS")
-    parser.add_argument("--init", type=Path, required=True, help="the initial checkpoint")
     parser.add_argument("--refusals", action="store_true", help="then the refusals")
     args = parser.parse_args()
     if "RANK" not in os.environ:  # one process, started without torchrun
@@ -149,9 +157,11 @@ def main() -> None:
     spec.loader.exec_module(example)
     for layout in args.layouts.split(","):
         for loss in LOSSES:
+            if loss in ONE_STAGE and LAYOUTS[layout][1] > 1:
+                continue
             yaml = args.work / f"{loss}.yaml"
             run_train(yaml, layout, args.work / f"train-{layout}-{loss}")
-            run_pretrain(example, yaml, layout, args.init, loss)
+            run_pretrain(example, yaml, layout, loss)
     if args.refusals:
         refusals(example, args.work)
 

@@ -9,7 +9,8 @@ CPU through ``examples/megatron_lm/cpu_training_bridge.py``:
   saves at 2 and 3, TensorBoard);
 * iteration 1 of ``pretrain()`` equals step 1 of ``megatron-pwdpo train`` (loss and
   gradient norm, relative difference <= 1e-6), both from that initial checkpoint, for
-  point-wise DPO, ULMA, SFT and DPO (pairs: two items each), at 1 process, DP=2, TP=2 and PP=2 (one launch per world
+  point-wise DPO, ULMA, SFT, DPO (pairs: two items each) and KTO (its resident
+  reference and KL point in the forward step; not at PP=2, refused), at 1 process, DP=2, TP=2 and PP=2 (one launch per world
   size: ``pretrain_real_worker.py``);
 * a resume from the iteration-2 checkpoint reproduces iteration 3; the iteration-3
   checkpoint initialises ``megatron-pwdpo train`` (its held-out loss is Megatron-LM's);
@@ -110,8 +111,19 @@ def work(tmp_path_factory):
         "train.steps=1",
     ]
     no_cache = ["reference.mode=resident", "reference.cache_path=null"]
-    losses = [("pointwise_dpo", []), ("ulma", []), ("sft", no_cache), ("dpo", [])]
-    for loss, extra in [*losses, ("kto", no_cache)]:
+    # KTO's policy starts one SFT step away from its reference (the initial weights), so
+    # that its KL point is not 0 at iteration 1 and the test can tell a wrong one
+    init = folder / base.train.init_checkpoint
+    moved = folder / "runs" / "megatron-lm" / "kto-policy"
+    _run(
+        f"megatron-pwdpo train --config {yaml} loss.name=sft train.steps=1 "
+        f"train.init_checkpoint={init} run_dir={moved} {' '.join(no_cache)}",
+        cwd=folder,
+    )
+    kto = [*no_cache, f"train.init_checkpoint={moved / 'checkpoints'}",
+           f"reference.checkpoint={init}"]  # fmt: skip
+    losses = [("pointwise_dpo", []), ("ulma", []), ("sft", no_cache), ("dpo", []), ("kto", kto)]
+    for loss, extra in losses:
         config = load_config(yaml, [*absolute, f"loss.name={loss}", *extra])
         (folder / f"{loss}.yaml").write_text(dump_yaml(config))
     return folder
@@ -119,7 +131,6 @@ def work(tmp_path_factory):
 
 def _worker(work: Path, *, nproc: int, layouts: str, refusals: bool = False) -> str:
     program = [str(WORKER), "--work", str(work), "--layouts", layouts]
-    program += ["--init", str(work / "runs" / "megatron-lm" / "init" / "checkpoints")]
     program += ["--refusals"] if refusals else []
     return run_python(program, nproc=nproc, cwd=work, env=_env(), timeout=600).stdout
 
@@ -131,12 +142,16 @@ def _results(stdout: str) -> dict[tuple[str, str, str], dict]:
 
 def _assert_equal_first_steps(results, layouts) -> None:
     for layout in layouts:
-        for loss in ("pointwise_dpo", "ulma", "sft", "dpo"):
+        for loss in ("pointwise_dpo", "ulma", "sft", "dpo", "kto"):
+            if loss == "kto" and layout == "pp2":
+                continue  # refused (its passes run outside the pipeline schedule)
             ours = results[(layout, loss, "megatron-pwdpo train")]
             theirs = results[(layout, loss, "pretrain()")]
-            for key in ("value", "grad_norm"):
+            for key in ("value", "grad_norm", "kl") if loss == "kto" else ("value", "grad_norm"):
                 rel = abs(theirs[key] - ours[key]) / abs(ours[key])
                 assert rel <= 1e-6, (layout, loss, key, ours[key], theirs[key])
+            if loss == "kto":
+                assert ours["kl"] > 1e-3, ours  # the policy is not its reference
 
 
 def test_one_process_iteration_1_equals_megatron_pwdpo_train_and_refusals(work):
@@ -161,7 +176,10 @@ def test_one_process_iteration_1_equals_megatron_pwdpo_train_and_refusals(work):
     assert "--calculate-per-token-loss is not supported" in flags[2]
     missing = refused["missing_checkpoint"]
     assert "\n" not in missing and "nothing has no latest_checkpointed_iteration.txt" in missing
-    assert refused["kto"].startswith("pretrain_pwdpo.py: error: loss.name=kto is not supported")
+    assert refused["kto_pp2"].startswith(
+        "pretrain_pwdpo.py: error: --pipeline-model-parallel-size 2 is not supported with "
+        "loss.name=kto"
+    )
 
 
 def test_two_processes_iteration_1_equals_megatron_pwdpo_train_at_dp2_tp2_pp2(work):

@@ -494,6 +494,8 @@ def test_metrics_are_detached_float32_sum_count(name):
     expected_keys = (
         {"nll"} if name == "sft" else PAIRWISE_KEYS if name in PAIRWISE_LOSSES else POINTWISE_KEYS
     )
+    if name == "kto":
+        expected_keys = expected_keys | {"kl"}  # its reference point
     assert set(metrics) == expected_keys
     for value in metrics.values():
         assert value.shape == (2,) and value.dtype == torch.float32
@@ -627,3 +629,12 @@ def test_step_feeds_unlikelihood_its_token_wise_term():
         expected = naive_unlikelihood(token_logps, mask, label, reduction).mean()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
         assert set(report) == set(metric_names(objective))
+
+
+def test_kto_reports_the_reference_point_it_used():
+    logps, ref = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.5, -2.0, -2.5])
+    desirable = torch.tensor([True, False, True])
+    for kl, used in [(0.2, 0.2), (-0.3, 0.0)]:  # negative estimates are clamped to 0
+        _, metrics = kto_loss(logps, ref, desirable, torch.tensor(kl), beta=0.5)
+        total, count = metrics["kl"].tolist()
+        assert count == 3 and total / count == pytest.approx(used)

@@ -314,7 +314,11 @@ def test_an_incomplete_or_stale_cache_is_refused(tmp_path, reference_ckpt):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["loss.name=kto"], "loss.name=kto is not supported .* KL reference point"),
+        (["loss.name=unlikelihood"], "loss.name=unlikelihood is not supported"),
+        (
+            ["loss.name=kto", "reference.mode=resident", "reference.cache_path=null"],
+            "loss.name=kto needs the reference model's weights",
+        ),
         (["loss.name=dpo", "reference.cache_path=null"], "loss.name=dpo needs the reference"),
         (["loss.normalization=per_class"], "loss.normalization=per_class is not supported"),
         (["train.sft_steps=10"], "train.sft_steps=10 is not supported"),
