@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 # The tracker file of Megatron-LM's checkpoint folders (``pretrain()``'s --save / --load).
 MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
+# Megatron-LM's checkpoint format version, which its load_checkpoint reads from the
+# common state (0 when absent: it then applies the QKV re-ordering of the oldest
+# checkpoints, which asserts a single model chunk under virtual pipelining)
+MEGATRON_LM_CHECKPOINT_VERSION = 3.0
 
 
 def _chunk_key(index: int, num_chunks: int) -> str:
@@ -193,6 +197,7 @@ def save_checkpoint(
     dist.barrier()
     state = _state(chunks, optimizer, is_loading=False) if model_state is None else model_state
     state["common"] = common
+    state["checkpoint_version"] = MEGATRON_LM_CHECKPOINT_VERSION
     with usr1_kept_from_helpers():  # Slurm signals the writer's helper processes too
         dist_checkpointing.save(state, str(tmp))
     if before_commit is not None:

@@ -1,7 +1,7 @@
 """Run under torchrun by ``test_pretrain_real.py``: for each layout, step 1 of
 ``megatron-pwdpo train`` and iteration 1 of Megatron-LM's real ``pretrain()`` (the
 example's ``main()``) for point-wise DPO, ULMA, SFT, DPO and KTO (not at PP=2: refused),
-from one initial checkpoint.
+from one initial checkpoint; with virtual pipelining (a 4-layer model), SFT.
 
 Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
 most of a run's cost on CPU), on one gloo process group: between runs Megatron's
@@ -26,9 +26,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "megatron_lm" / "pretrain_pwdpo.py"
-LAYOUTS = {"single": (1, 1), "dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+# (tensor, pipeline, virtual pipeline) parallel sizes
+LAYOUTS = {
+    "single": (1, 1, None),
+    "dp2": (1, 1, None),
+    "tp2": (2, 1, None),
+    "pp2": (1, 2, None),
+    "pp2-vp2": (1, 2, 2),
+}
 LOSSES = ("pointwise_dpo", "ulma", "sft", "dpo", "kto")
 ONE_STAGE = ("kto",)  # refused at PP > 1
+# the interleaved schedule needs 2 layers per pipeline rank: a 4-layer model (SFT only,
+# no reference cache of its own); the YAML is sft_4layers.yaml
+VIRTUAL_LOSSES = ("sft",)
 LINE = re.compile(r"megatron-pwdpo \| iteration 1 \| loss (\S+) .*\| grad_norm (\S+)")
 KL = re.compile(r"megatron-pwdpo \| iteration 1 \| .*\| kl (\S+)")
 
@@ -46,10 +56,11 @@ def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
     from megatron_pwdpo.config import load_config
     from megatron_pwdpo.train import train
 
-    tp, pp = LAYOUTS[layout]
+    tp, pp, vp = LAYOUTS[layout]
     overrides = [
         f"parallel.tensor_parallel={tp}",
         f"parallel.pipeline_parallel={pp}",
+        f"parallel.virtual_pipeline={vp or 'null'}",
         "train.steps=1",
         f"run_dir={run_dir}",
     ]
@@ -94,8 +105,9 @@ def run_pretrain(example, yaml: Path, layout: str, loss: str) -> None:
     from megatron_pwdpo.config import load_config
 
     init = load_config(yaml).train.init_checkpoint
-    tp, pp = LAYOUTS[layout]
-    argv = [
+    tp, pp, vp = LAYOUTS[layout]
+    virtual = ["--num-virtual-stages-per-pipeline-rank", str(vp)] if vp else []
+    argv = [*virtual,
         "--pwdpo-config", str(yaml),
         "--tensor-model-parallel-size", str(tp),
         "--pipeline-model-parallel-size", str(pp),
@@ -156,10 +168,11 @@ def main() -> None:
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     for layout in args.layouts.split(","):
-        for loss in LOSSES:
-            if loss in ONE_STAGE and LAYOUTS[layout][1] > 1:
+        _, pp, vp = LAYOUTS[layout]
+        for loss in VIRTUAL_LOSSES if vp else LOSSES:
+            if loss in ONE_STAGE and pp > 1:
                 continue
-            yaml = args.work / f"{loss}.yaml"
+            yaml = args.work / (f"{loss}_4layers.yaml" if vp else f"{loss}.yaml")
             run_train(yaml, layout, args.work / f"train-{layout}-{loss}")
             run_pretrain(example, yaml, layout, loss)
     if args.refusals:
