@@ -92,7 +92,7 @@ class KtoForwardStep:
         self,
         config: Callable[[], RunConfig],
         *,
-        num_microbatches: Callable[[], int],
+        num_microbatches: Callable[[bool], int],
         data_parallel_group: Callable[[], torch.distributed.ProcessGroup | None],
     ):
         self._config, self._num_microbatches = config, num_microbatches
