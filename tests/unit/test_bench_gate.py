@@ -37,3 +37,25 @@ def test_lower_is_better_targets_and_skipped_benchmarks():
     verdicts = [c["verdict"] for c in run_all.gate_checks(["reference"], {"reference": result})]
     assert verdicts == ["met", "MISSED"]
     assert run_all.gate_checks(["trl_compare"], {"trl_compare": {"skipped": "no TRL"}}) == []
+
+
+def test_two_at_a_time_starts_the_longest_first():
+    assert run_all.start_order(["ulma_flops", "packing", "attention", "logprobs_memory"]) == [
+        "logprobs_memory",
+        "attention",
+        "packing",
+        "ulma_flops",
+    ]
+    assert set(run_all.QUICK_CPU_S) == set(run_all.BENCHMARKS)
+
+
+def test_quick_checks_cover_every_gated_ratio_of_the_quick_points():
+    """--quick keeps the rows the gate reads: the best-each-side TRL rows without the
+    like-for-like ones, the chunked ratio at 1 x 4096 without 16 x 256."""
+    trl = run_all.BENCHMARKS["trl_compare"]
+    best = {"speed_ours_over_trl": 2.0, "speed_noise": 0.1, "step_peak_ours_over_trl": 0.4}
+    result = {"best_kto": best, "best_dpo": best}
+    assert len(trl.checks(result)) == 4
+    assert trl.summary_rows({}) == []
+    lp = run_all.BENCHMARKS["logprobs_memory"]
+    assert lp.QUICK_SHAPES == ((1, 4096),) and lp.CHUNK < 4096
