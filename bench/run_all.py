@@ -2,21 +2,27 @@
 ``bench/results/cpu.json`` (and each benchmark's own ``bench/results/NAME.json``).
 
 Each benchmark runs in its own process (its sides alternate inside it; memory sides
-in further processes of their own). The full run takes ~10 minutes of CPU time, one
-benchmark at a time.
+in further processes of their own). The full run (more rounds, every point, the cost
+curves' whole grid) runs one benchmark at a time and takes many times as long as
+``--quick``.
 
-``--quick`` is the one-command check: fewer and smaller points (3 timed rounds where a
+``--quick`` is the one-command check: fewer points and rounds (3 timed rounds where a
 ratio's noise is a spread over rounds; only the gated rows where a benchmark has
-ungated ones), then the gate. Measured: MEASURED_QUICK. It runs two benchmarks at a
-time (``--jobs``, default 2 with ``--quick``, else 1). That is valid because of how
-they measure: every time ratio is of CPU time (one intra-op thread) of sides that
-alternate round by round in one process, so a benchmark beside it slows both sides
-alike and adds no CPU time to either (the README's results were measured at load
-30-79 this way); memory is each side's peak resident memory in its own process, which
-does not depend on what else runs. The wall clock of each benchmark, which does, is
-reported but gates nothing. Its results go to ``bench/results/quick/`` (git-ignored),
-so a quick run never overwrites the full run's files. The end says the wall time and
-CPU time against the 240 s budget of ``--quick``.
+ungated ones; the same model sizes and shapes), then the gate. Measured 2026-12-05 on
+2 idle cores (load average 0.4 at the start): 180 s of wall clock, 351 CPU-s, every
+check met.
+
+It runs two benchmarks at a time (``--jobs``, default 2 with ``--quick``, else 1).
+That keeps the ratios valid because of how they are measured: every time ratio is of
+the CPU time (one intra-op thread) of sides that alternate round by round in one
+process, so a benchmark beside it slows both sides alike (shared caches and memory
+bandwidth) and takes CPU time from neither (the README's results were measured at load
+30-79, with other jobs beside each benchmark); memory is each side's peak resident
+memory in its own process, which does not depend on what else runs. Only each
+benchmark's wall clock depends on it, and it gates nothing. Quick results go to
+``bench/results/quick/`` (git-ignored), so a quick run never overwrites the full run's
+files. The run ends with the wall time and CPU time against the 240 s budget of
+``--quick``.
 
     python bench/run_all.py [--quick] [--jobs N] [--only packing,reference,...]
 """
