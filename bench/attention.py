@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(args.worker, args.steps, args.json_out)
         return {}
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)  # quick: >= 3 for the noise
     result = measure(rounds, args.steps)
     report("attention", result, summary_rows(result), args.out)
     return result

@@ -20,9 +20,10 @@ logits weigh about what they do at scale relative to the rest of the step.
 Each method runs alone under ``torch.distributed.run`` (2 gloo processes, the tiny
 model, HH-slice tokens cut into sequences), one forward and backward of the summed
 log-probs per step, at the training shape (16 x 256) and at a long sequence
-(1 x 4096; the same 4096 tokens). Reported: the larger of the two ranks' peak memory
-during the steps (anonymous RSS, see ``common.MemoryTracker``; ``VmHWM`` too), and the
-size of one fp32 copy of the full logits.
+(1 x 4096; the same 4096 tokens; ``--quick``: the long sequence only). Reported: the
+larger of the two ranks' peak memory during the steps (anonymous RSS, see
+``common.MemoryTracker``; ``VmHWM`` too), and the size of one fp32 copy of the full
+logits.
 
     python bench/logprobs_memory.py [--quick]
 """
@@ -44,6 +45,10 @@ from common import (
 
 METHODS = ("vocab_parallel", "gathered", "chunked")
 SHAPES = ((16, 256), (1, 4096))  # (sequences, length): 4096 tokens each
+# --quick: the long shape only, whose three runs give every gated ratio (vocab-parallel
+# vs gathered, and chunked vs whole-sequence); each run is two fresh ranks, ~8 CPU-s of
+# start-up apiece, so the training shape's three runs would double the benchmark
+QUICK_SHAPES = ((1, 4096),)
 VOCAB = 65536
 CHUNK = 512
 
@@ -131,7 +136,7 @@ def worker(method: str, batch: int, seq: int, steps: int, json_out: str | None) 
     distributed.shutdown()
 
 
-def measure(steps: int) -> dict:
+def measure(steps: int, shapes=SHAPES) -> dict:
     out = {"tensor_parallel": 2, "steps": steps, "shapes": []}
     jobs = [
         {
@@ -141,11 +146,11 @@ def measure(steps: int) -> dict:
             "nproc": 2,
             "threads": 1,
         }
-        for b, n in SHAPES
+        for b, n in shapes
         for m in METHODS
     ]
     done = iter(run_workers(jobs, parallel=2))
-    for batch, seq in SHAPES:
+    for batch, seq in shapes:
         runs = {m: next(done) for m in METHODS}
         vp, ga, ch = runs["vocab_parallel"], runs["gathered"], runs["chunked"]
         out["shapes"].append(
@@ -248,7 +253,7 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(args.worker, args.batch, args.seq, args.steps, args.json_out)
         return {}
-    result = measure(1 if args.quick else args.steps)
+    result = measure(1, QUICK_SHAPES) if args.quick else measure(args.steps)
     report("logprobs_memory", result, summary_rows(result), args.out)
     return result
 

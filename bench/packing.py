@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     set_threads(args.threads)
     if args.quick:
-        plan = [(16, args.rounds or 2)]
+        plan = [(16, args.rounds or 3)]  # >= 3: the noise is a spread over rounds
     else:
         plan = [(16, args.rounds or 6), (64, max(2, (args.rounds or 6) // 2))]
     result = measure(plan)

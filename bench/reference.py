@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(args.worker, args.steps, args.model, args.json_out)
         return {}
-    rounds = args.rounds or (2 if args.quick else 8)
+    rounds = args.rounds or (3 if args.quick else 8)  # quick: >= 3 for the noise
     result = measure(rounds, 1 if args.quick else args.steps)
     report("reference", result, summary_rows(result), args.out)
     return result

@@ -26,6 +26,8 @@ Time: in one process, TRL's ``Trainer.train()`` runs and a callback runs one ste
 ours after each of TRL's steps (the TRL step is the time between its step ends minus
 ours). Tokens/s counts the training rows' own tokens (no padding, no KL rows).
 Memory: each side alone in its own process (each imports only its own framework).
+``--quick``: the best rows only (the ones ``run_all.py`` gates on), 3 rounds, one
+memory step.
 
     python bench/trl_compare.py [--rounds N] [--quick]
 """
@@ -466,11 +468,13 @@ def worker(side: str, steps: int, json_out: str | None) -> None:
 SIDES = {"like": ("ours", "trl"), "best": ("oursbest", "trlbest")}
 
 
-def measure(rounds: int, memory_steps: int) -> dict:
-    out: dict = {"memory_steps": memory_steps}
+def measure(rounds: int, memory_steps: int, modes=tuple(SIDES)) -> dict:
+    """``modes``: ``like`` and/or ``best`` (``--quick``: ``best`` only, the gated rows;
+    the like-for-like rows would double the time and the memory processes)."""
+    out: dict = {"memory_steps": memory_steps, "modes": list(modes)}
     timings = {
         (mode, loss): measure_time(loss, rounds, best=mode == "best")
-        for mode in SIDES
+        for mode in modes
         for loss in LOSSES
     }
     jobs = [
@@ -479,12 +483,12 @@ def measure(rounds: int, memory_steps: int) -> dict:
             "args": ["--worker", f"{fw}_{loss}", "--steps", str(memory_steps)],
             "timeout": 900,
         }
-        for mode in SIDES
+        for mode in modes
         for loss in LOSSES
         for fw in SIDES[mode]
     ]
     done = iter(run_workers(jobs, parallel=2))
-    for mode in SIDES:
+    for mode in modes:
         for loss in LOSSES:
             memory = dict(zip(("ours", "trl"), (next(done), next(done)), strict=True))
             x = {
@@ -531,7 +535,9 @@ def checks(r: dict) -> list[dict]:
 def summary_rows(r: dict) -> list[list]:
     rows = []
     for loss, name in (("kto", "KTOTrainer"), ("dpo", "DPOTrainer")):
-        x = r[loss]
+        x = r.get(loss)
+        if x is None:  # --quick: the best rows only
+            continue
         rows.append(
             [
                 f"ours vs TRL {name} ({loss}, like-for-like: padded, resident reference; "
@@ -586,8 +592,10 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(args.worker, args.steps, args.json_out)
         return {}
-    rounds = args.rounds or (2 if args.quick else 5)
-    result = measure(rounds, 1 if args.quick else args.steps)
+    if args.quick:  # >= 3 rounds: the gate's noise is a spread over rounds
+        result = measure(args.rounds or 3, 1, modes=("best",))
+    else:
+        result = measure(args.rounds or 5, args.steps)
     report("trl_compare", result, summary_rows(result), args.out)
     return result
 

@@ -37,3 +37,58 @@ def test_lower_is_better_targets_and_skipped_benchmarks():
     verdicts = [c["verdict"] for c in run_all.gate_checks(["reference"], {"reference": result})]
     assert verdicts == ["met", "MISSED"]
     assert run_all.gate_checks(["trl_compare"], {"trl_compare": {"skipped": "no TRL"}}) == []
+
+
+def test_two_at_a_time_starts_the_longest_first():
+    assert run_all.start_order(["ulma_flops", "packing", "attention", "logprobs_memory"]) == [
+        "logprobs_memory",
+        "attention",
+        "packing",
+        "ulma_flops",
+    ]
+    assert set(run_all.QUICK_CPU_S) == set(run_all.BENCHMARKS)
+
+
+def test_quick_checks_cover_every_gated_ratio_of_the_quick_points():
+    """--quick keeps the rows the gate reads: the best-each-side TRL rows without the
+    like-for-like ones, the chunked ratio at 1 x 4096 without 16 x 256."""
+    trl = run_all.BENCHMARKS["trl_compare"]
+    best = {"speed_ours_over_trl": 2.0, "speed_noise": 0.1, "step_peak_ours_over_trl": 0.4}
+    result = {"best_kto": best, "best_dpo": best}
+    assert len(trl.checks(result)) == 4
+    assert trl.summary_rows({}) == []
+    lp = run_all.BENCHMARKS["logprobs_memory"]
+    assert lp.QUICK_SHAPES == ((1, 4096),) and lp.CHUNK < 4096
+
+
+def test_quick_runs_two_at_a_time_into_its_own_folder(tmp_path, monkeypatch):
+    """Two lanes: every benchmark's result lands in the summary, CPU-s per benchmark
+    add up, and the files go to --results-dir (bench/results/quick by default)."""
+    import json
+    import time
+    import types
+
+    running, most = set(), []
+
+    def fake_run(cmd, *, timeout):
+        name, out = cmd[1].rsplit("/", 1)[-1][:-3], cmd[cmd.index("--out") + 1]
+        running.add(name)
+        most.append(len(running))
+        time.sleep(0.05)
+        running.discard(name)
+        with open(out, "w") as f:
+            json.dump({"name": name, "quick": "--quick" in cmd}, f)
+        return 0, "", "", 1.5
+
+    fake = types.SimpleNamespace(summary_rows=lambda r: [])
+    monkeypatch.setattr(run_all, "_run", fake_run)
+    monkeypatch.setattr(run_all, "BENCHMARKS", dict.fromkeys(run_all.BENCHMARKS, fake))
+    monkeypatch.setattr(run_all, "machine", lambda: {})
+    code = run_all.main(["--quick", "--results-dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "cpu.json").read_text())
+    assert code == 0 and summary["jobs"] == 2 and max(most) == 2
+    assert summary["cpu_s"] == 1.5 * len(run_all.QUICK_CPU_S)
+    assert all(r["quick"] for r in summary["results"].values())
+    assert {p.name for p in tmp_path.iterdir()} == {f"{n}.json" for n in run_all.BENCHMARKS} | {
+        "cpu.json"
+    }
