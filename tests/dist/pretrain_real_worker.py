@@ -6,8 +6,10 @@ from one initial checkpoint; with virtual pipelining (a 4-layer model), SFT.
 Everything runs in one launch per world size (starting Python, torch and Megatron-LM is
 most of a run's cost on CPU), on one gloo process group: between runs Megatron's
 parallel state and Megatron-LM's globals are torn down as a fresh process has them. The last
-rank prints one ``RESULT {json}`` line per run: layout, loss, loop, loss value, grad norm;
-with ``--refusals``, rank 0 then prints what the example refuses (``REFUSED {json}``).
+rank writes one ``{"kind": "result", ...}`` JSON line per run (layout, loss, loop, loss value,
+grad norm) to ``--results``; with ``--refusals``, rank 0 then writes what the example refuses
+(``{"kind": "refused", ...}``). A file, not stdout: the ranks share one stdout pipe, where
+another rank's progress output can land inside a line (seen on CI: ``{...}........ 2``).
 """
 
 from __future__ import annotations
@@ -47,8 +49,17 @@ def _last_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
+RESULTS: Path | None = None  # set by main(): this rank's JSON-lines file
+
+
+def _record(kind: str, **fields) -> None:
+    """Append one JSON line to this rank's results file (each rank owns its file)."""
+    with RESULTS.open("a") as out:
+        out.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+
 def _emit(**result) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
+    _record("result", **result)
 
 
 def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
@@ -130,7 +141,7 @@ def run_pretrain(example, yaml: Path, layout: str, loss: str) -> None:
 
 
 def refusals(example, work: Path) -> None:
-    """What the example refuses before training, as ``REFUSED {json}`` lines (rank 0)."""
+    """What the example refuses before training, as ``refused`` records (rank 0)."""
     pointwise = str(work / "pointwise_dpo.yaml")
     cases = {
         "flags": ["--pwdpo-config", pointwise, "--hidden-size", "256",
@@ -147,7 +158,7 @@ def refusals(example, work: Path) -> None:
             except SystemExit as stop:
                 message = str(stop.code)
         if torch.distributed.get_rank() == 0:
-            print("REFUSED " + json.dumps({"case": case, "message": message}), flush=True)
+            _record("refused", case=case, message=message)
     _reset_megatron_lm()
 
 
@@ -156,6 +167,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="the test's folder")
     parser.add_argument("--layouts", required=True, help="comma-separated, of LAYOUTS")
     parser.add_argument("--refusals", action="store_true", help="then the refusals")
+    parser.add_argument("--results", type=Path, required=True, help="folder for rank*.jsonl")
     args = parser.parse_args()
     if "RANK" not in os.environ:  # one process, started without torchrun
         from megatron_pwdpo.distributed import _free_port
@@ -164,6 +176,8 @@ def main() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
     torch.distributed.init_process_group("gloo")
     _keep_the_process_group()
+    global RESULTS
+    RESULTS = args.results / f"rank{torch.distributed.get_rank()}.jsonl"
     spec = importlib.util.spec_from_file_location("pretrain_pwdpo", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

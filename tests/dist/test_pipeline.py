@@ -7,7 +7,6 @@ losses and gradient norms of the SFT and point-wise DPO stages must then match t
 single-process run.
 """
 
-import numpy as np
 import pytest
 from conftest import (
     TINY,
@@ -15,7 +14,6 @@ from conftest import (
     read_metrics,
     run_cli,
     save_initial_weights,
-    train_curve,
 )
 
 pytestmark = pytest.mark.dist

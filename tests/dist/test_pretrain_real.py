@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -140,14 +141,18 @@ def work(tmp_path_factory):
     return folder
 
 
-def _worker(work: Path, *, nproc: int, layouts: str, refusals: bool = False) -> str:
-    program = [str(WORKER), "--work", str(work), "--layouts", layouts]
+def _worker(work: Path, *, nproc: int, layouts: str, refusals: bool = False) -> list[dict]:
+    """The worker's records (``kind`` result or refused) from every rank's file."""
+    results = Path(tempfile.mkdtemp(prefix="results-", dir=work))
+    program = [str(WORKER), "--work", str(work), "--layouts", layouts, "--results", str(results)]
     program += ["--refusals"] if refusals else []
-    return run_python(program, nproc=nproc, cwd=work, env=_env(), timeout=600).stdout
+    run_python(program, nproc=nproc, cwd=work, env=_env(), timeout=600)
+    lines = [ln for f in sorted(results.glob("rank*.jsonl")) for ln in f.read_text().splitlines()]
+    return [json.loads(line) for line in lines]
 
 
-def _results(stdout: str) -> dict[tuple[str, str, str], dict]:
-    rows = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+def _results(records: list[dict]) -> dict[tuple[str, str, str], dict]:
+    rows = [r for r in records if r["kind"] == "result"]
     return {(r["layout"], r["loss"], r["loop"]): r for r in rows}
 
 
@@ -168,8 +173,8 @@ def _assert_equal_first_steps(results, layouts) -> None:
 
 
 def test_one_process_iteration_1_equals_megatron_pwdpo_train_and_refusals(work):
-    stdout = _worker(work, nproc=1, layouts="single", refusals=True)
-    results = _results(stdout)
+    records = _worker(work, nproc=1, layouts="single", refusals=True)
+    results = _results(records)
     _assert_equal_first_steps(results, ["single"])
     # SFT trains the demonstrations with the token mean (a per-token NLL near ln 2048),
     # not every row with the YAML's summed log-probs (hundreds)
@@ -177,11 +182,7 @@ def test_one_process_iteration_1_equals_megatron_pwdpo_train_and_refusals(work):
     for loss in ("pointwise_dpo", "dpo"):  # the policy is its reference at iteration 1
         value = results[("single", loss, "pretrain()")]["value"]
         assert value == pytest.approx(math.log(2), rel=1e-6), loss
-    refused = {
-        json.loads(line[8:])["case"]: json.loads(line[8:])["message"]
-        for line in stdout.splitlines()
-        if line.startswith("REFUSED ")
-    }
+    refused = {r["case"]: r["message"] for r in records if r["kind"] == "refused"}
     flags = refused["flags"].splitlines()
     assert len(flags) == 3 and all(f.startswith("pretrain_pwdpo.py: error: ") for f in flags)
     assert flags[0].endswith("--hidden-size 256 differs from the YAML's model.hidden_size=64")

@@ -12,9 +12,6 @@ Every run starts from one saved initial checkpoint (the reference of the cache) 
 
 import gzip
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
