@@ -53,6 +53,7 @@ pytestmark = [
 ]
 
 ITERATION = re.compile(r"megatron-pwdpo \| iteration (\d+) \| (.*)")
+FIELD = re.compile(r"(\w+) (-?(?:nan|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))")
 VALIDATION = re.compile(r"validation loss at iteration (\d+) .*?\| loss value: (\S+) \|")
 
 
@@ -87,9 +88,12 @@ def _run(command: str | list[str], *, cwd: Path, timeout: float = 400):
 
 
 def _iterations(stdout: str) -> dict[int, dict[str, float]]:
+    """The last rank's ``megatron-pwdpo | iteration N | key value | ...`` lines. Each value
+    is read as the number it starts with: the ranks share one unbuffered stdout, where print
+    writes a line's text and its newline apart, so another rank's output can end a line."""
     out = {}
     for number, fields in ITERATION.findall(stdout):
-        pairs = (field.rsplit(" ", 1) for field in fields.split(" | "))
+        pairs = (FIELD.match(field).groups() for field in fields.split(" | "))
         out[int(number)] = {key: float(value) for key, value in pairs}
     return out
 
