@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_pwdpo.launch import python_command, run_group
+from megatron_pwdpo.platform.launch import python_command, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -82,12 +82,12 @@ def session(*overrides: str, reference: bool = True, quiet: bool = True) -> Iter
 
     import torch
 
-    from megatron_pwdpo import cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.observe import RunLog
-    from megatron_pwdpo.run_plan import plan_stages
-    from megatron_pwdpo.train import Runner
-    from megatron_pwdpo.training_setup import Layout, build_optimizer
+    from megatron_pwdpo.engine.setup import Layout, build_optimizer
+    from megatron_pwdpo.platform import cpu_bridge, distributed
+    from megatron_pwdpo.training.loop import Runner
+    from megatron_pwdpo.training.observe import RunLog
+    from megatron_pwdpo.training.plan import plan_stages
 
     if quiet:
         warnings.filterwarnings("ignore")
@@ -290,7 +290,7 @@ def run_worker(
     ``torch.distributed.run`` with ``nproc`` > 1) and return the JSON it wrote.
 
     The process group is killed when the worker ends or times out
-    (``megatron_pwdpo.launch.run_group``), so a hung worker (or an orphaned grandchild)
+    (``megatron_pwdpo.platform.launch.run_group``), so a hung worker (or an orphaned grandchild)
     never outlives the benchmark.
     """
     # a fresh world: not this process's rendezvous (init_distributed sets these)
@@ -506,7 +506,7 @@ def set_core_attention(chunks, kind: str) -> None:
     both sides of an alternating timing."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_pwdpo.attention import SDPAttention
+    from megatron_pwdpo.model.attention import SDPAttention
 
     cls = {"sdpa": SDPAttention, "local": DotProductAttention}[kind]
     for chunk in chunks:

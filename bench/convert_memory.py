@@ -98,9 +98,9 @@ def write_hf_model(folder: Path, layers: int) -> int:
 
 
 def worker(args) -> None:
-    from megatron_pwdpo import distributed
     from megatron_pwdpo.convert.hf_to_mcore import hf_to_mcore
     from megatron_pwdpo.convert.mcore_to_hf import mcore_to_hf, stored_dtype
+    from megatron_pwdpo.platform import distributed
 
     distributed.init_distributed(
         tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=600, cpu=True

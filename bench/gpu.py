@@ -111,7 +111,7 @@ def supported(precision: str) -> str | None:
     """Why ``precision`` cannot run on this GPU (None if it can)."""
     import torch
 
-    from megatron_pwdpo.precision import have_transformer_engine
+    from megatron_pwdpo.model.precision import have_transformer_engine
 
     if precision == "bf16":
         return None

@@ -69,7 +69,7 @@ DRY_TRAIN = [
     "train.sft_steps=2",
     "train.steps=4",
 ]
-DRY_TESTS = "tests/unit/test_losses.py tests/gpu"
+DRY_TESTS = "tests/unit/losses/test_losses.py tests/gpu"
 PARTS = ("wheels", "environment", "train", "resume", "tests", "bench")
 LOG_TAIL = 4000
 
@@ -190,8 +190,8 @@ for name in ("megatron-core", "transformers", "trl", "accelerate", "datasets",
         facts[name] = version(name)
     except PackageNotFoundError:
         facts[name] = None
-from megatron_pwdpo.precision import have_transformer_engine
-from megatron_pwdpo.model import ModelConfig
+from megatron_pwdpo.model.precision import have_transformer_engine
+from megatron_pwdpo.model.build import ModelConfig
 facts["transformer_engine"] = have_transformer_engine()
 hints = typing.get_type_hints(ModelConfig)
 facts["model_attention_choices"] = (

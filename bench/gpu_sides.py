@@ -130,7 +130,7 @@ def export_hf(runner, model_config, out_dir: Path, *, dtype: str) -> None:
 
     from megatron_pwdpo.convert.mcore_to_hf import hf_config_from_model
     from megatron_pwdpo.convert.table import mcore_to_hf_state, spec_of
-    from megatron_pwdpo.reference import unwrap
+    from megatron_pwdpo.reference.strategies import unwrap
 
     own = unwrap(runner.policy[0]).state_dict()
     state = mcore_to_hf_state(own, model_config, spec=spec_of(list(own)))
@@ -151,8 +151,8 @@ def our_probe_logps(runner, rows) -> list[float]:
     unpacked micro-batch)."""
     import torch
 
-    from megatron_pwdpo.batches import rank_micro_batches
-    from megatron_pwdpo.step import run_logps
+    from megatron_pwdpo.engine.batches import rank_micro_batches
+    from megatron_pwdpo.engine.step import run_logps
 
     micro = rank_micro_batches(
         rows, dp_rank=0, dp_size=1, micro_batch_size=len(rows), pad_id=runner.data.tokenizer.pad_id
@@ -173,7 +173,7 @@ def _cache_table(runner, stage, batches):
     it is before training (the reference): what ``precompute-ref`` writes."""
     import torch
 
-    from megatron_pwdpo.step import run_logps
+    from megatron_pwdpo.engine.step import run_logps
 
     rows = [x for b in batches for e in b for x in (e if isinstance(e, tuple) else (e,))]
     table = torch.full((max(r.row_index for r in rows) + 1,), float("nan"))
@@ -196,8 +196,8 @@ def resident_reference(runner):
     """A frozen copy of the policy, as ``reference.build_reference`` makes for
     ``reference.mode=resident``, without saving it as a checkpoint (a run does that once
     per stage; at the 1B shape it would cost each side seconds of writing)."""
-    from megatron_pwdpo.reference import ResidentReference, unwrap
-    from megatron_pwdpo.training_setup import build_chunks
+    from megatron_pwdpo.engine.setup import build_chunks
+    from megatron_pwdpo.reference.strategies import ResidentReference, unwrap
 
     chunks = build_chunks(runner.config, wrap_ddp=False)
     for chunk, policy in zip(chunks, runner.policy, strict=True):
@@ -214,7 +214,7 @@ def resident_reference(runner):
 def ours(side: str, shape: Shape, hf_dir: Path | None) -> dict:
     import torch
 
-    from megatron_pwdpo.reference import CacheReference
+    from megatron_pwdpo.reference.strategies import CacheReference
 
     cache = side.endswith("_cache")
     with session(*overrides(side, shape), reference=False) as s:

@@ -93,7 +93,7 @@ def attention_override(requested: str) -> str | None:
 
     ``auto`` picks ``sdpa`` when ``ModelConfig`` has an ``attention`` field that allows
     it (SDPA is what TRL runs); ``none`` passes nothing."""
-    from megatron_pwdpo.model import ModelConfig
+    from megatron_pwdpo.model.build import ModelConfig
 
     if requested == "none":
         return None
@@ -111,7 +111,7 @@ def packing_kind(requested: str) -> str:
     """``thd`` with Transformer Engine on a GPU, else ``masked`` (``auto``)."""
     import torch
 
-    from megatron_pwdpo.precision import have_transformer_engine
+    from megatron_pwdpo.model.precision import have_transformer_engine
 
     if requested != "auto":
         return requested
@@ -203,7 +203,7 @@ def side_data(side: str, shape: Shape, run_dir: str):
 def side_batches(side: str, shape: Shape, config, data) -> list[list]:
     """The global batches of a side, from its config and prepared data: the same on our
     side and on TRL's."""
-    from megatron_pwdpo.run_plan import plan_stages
+    from megatron_pwdpo.training.plan import plan_stages
 
     size = config.train.global_batch_size
     if "hh" in side:

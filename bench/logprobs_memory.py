@@ -83,10 +83,10 @@ def worker(method: str, batch: int, seq: int, steps: int, json_out: str | None) 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_pwdpo import cpu_bridge, distributed
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.logprobs import model_token_logps
-    from megatron_pwdpo.model import ParallelConfig, build_model
+    from megatron_pwdpo.model.build import ParallelConfig, build_model
+    from megatron_pwdpo.model.logprobs import model_token_logps
+    from megatron_pwdpo.platform import cpu_bridge, distributed
 
     warnings.filterwarnings("ignore")
     config = bench_config("/tmp/unused", f"model.max_seq_length={seq}", f"model.vocab_size={VOCAB}")

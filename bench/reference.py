@@ -69,7 +69,7 @@ def _cache_reference(runner, batches, reduction: str):
     """A ``CacheReference`` holding the current reference log-probs of ``batches``' rows."""
     import torch
 
-    from megatron_pwdpo.reference import CacheReference
+    from megatron_pwdpo.reference.strategies import CacheReference
 
     rows = {r.row_index: r for batch in batches for r in batch}
     table = torch.full((max(rows) + 1,), float("nan"))
@@ -148,7 +148,7 @@ def worker(side: str, steps: int, model: str, json_out: str) -> None:
             # activations in this process's RSS
             import torch
 
-            from megatron_pwdpo.reference import CacheReference
+            from megatron_pwdpo.reference.strategies import CacheReference
 
             size = max(r.row_index for r in s.data.train) + 1
             runner.reference = CacheReference(

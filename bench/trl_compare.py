@@ -88,7 +88,7 @@ def overrides(loss: str) -> list[str]:
 # the reference from a precomputed cache (``reference.mode=cache``); TRL precomputes the
 # reference log-probs (``precompute_ref_log_probs``, no reference model kept). For
 # unpaired rows with binary labels ours runs point-wise DPO (the cache cannot serve KTO:
-# its KL point needs the reference on mismatched rows, ``validation.py``), TRL its
+# its KL point needs the reference on mismatched rows, ``config/validation.py``), TRL its
 # ``KTOTrainer`` (TRL has no point-wise DPO); for pairs both run DPO. TRL's padding-free
 # mode does not run: TRL 1.16's ``DPOTrainer`` switches ``padding_free=True`` off with a
 # warning ("temporarily unavailable after a refactor") and ``KTOTrainer`` has none.
@@ -108,9 +108,9 @@ def cache_reference(s, batches) -> tuple[object, float]:
     ``megatron-pwdpo precompute-ref`` runs it), and the precompute's CPU seconds."""
     import torch
 
-    from megatron_pwdpo.reference import CacheReference
-    from megatron_pwdpo.row_logps import rows_logps
-    from megatron_pwdpo.training_setup import Layout
+    from megatron_pwdpo.engine.setup import Layout
+    from megatron_pwdpo.reference.row_logps import rows_logps
+    from megatron_pwdpo.reference.strategies import CacheReference
 
     rows = list({r.row_index: r for b in batches for e in b for r in _rows(e)}.values())
     start = time.process_time()
@@ -302,7 +302,7 @@ def _prepared(loss: str, run_dir: str, count: int):
     import warnings
 
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.run_plan import plan_stages
+    from megatron_pwdpo.training.plan import plan_stages
 
     warnings.filterwarnings("ignore")
     config = bench_config(run_dir, *overrides(loss))
@@ -429,7 +429,7 @@ def worker(side: str, steps: int, json_out: str | None) -> None:
                 # reference.py's memory worker)
                 import torch
 
-                from megatron_pwdpo.reference import CacheReference
+                from megatron_pwdpo.reference.strategies import CacheReference
 
                 size = max(r.row_index for r in s.data.train) + 1
                 s.runner.reference = CacheReference(

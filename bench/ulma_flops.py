@@ -1,7 +1,7 @@
 """ULMA's skipped reference forwards: reference FLOPs saved vs the share of demonstrations.
 
 ULMA trains demonstrations with the SFT term alone, so the reference never runs on
-them (``reference.py``: the other rows are re-batched and run). The same global
+them (``reference/strategies.py``: the other rows are re-batched and run). The same global
 batches of 16 HH rows are given demonstration shares of 0, 1/4, 1/2, 3/4 and 1 (the
 demonstrations at each share include those of the smaller shares); for each share the
 reference pass of ``Reference.logps(..., rows=...)`` is timed (alternating the shares
@@ -48,7 +48,7 @@ def with_demos(batch, share: float, order: np.ndarray) -> list:
 
 
 def measure(rounds: int) -> dict:
-    from megatron_pwdpo.reference import unwrap
+    from megatron_pwdpo.reference.strategies import unwrap
 
     with session("loss.name=ulma") as s:
         runner, stage, model = s.runner, s.stage, s.config.model

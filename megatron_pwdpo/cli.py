@@ -18,8 +18,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from megatron_pwdpo import lifetime
-from megatron_pwdpo.known_warnings import quiet_known_warnings
+from megatron_pwdpo.platform import lifetime
+from megatron_pwdpo.platform.known_warnings import quiet_known_warnings
 
 if lifetime.importing_in_spawned_child():
     # A spawn-context child (e.g. torch_dist's writer Manager) imports this module as its
@@ -28,11 +28,10 @@ if lifetime.importing_in_spawned_child():
     lifetime.install_in_spawned_child()
     quiet_known_warnings()
 
-from megatron_pwdpo.config import ConfigError, load_config  # noqa: E402
+from megatron_pwdpo.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 # The commands that take a run config: their --help lists its sections and keys.
 CONFIG_COMMANDS = ("train", "eval", "precompute-ref", "experiment")
 
@@ -55,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(config_path, args)
     config = load_config(config_path, args.overrides)
-    from megatron_pwdpo.train import train
+    from megatron_pwdpo.training.loop import train
 
     train(config)
     return 0
@@ -64,10 +63,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _dry_run(config_path: Path, args: argparse.Namespace) -> int:
     """Validate for ``--world-size`` on this platform (or ``--platform``) and print the
     plan and the memory estimate per GPU; start nothing."""
-    from megatron_pwdpo import platform
-    from megatron_pwdpo.distributed import world_from_env
-    from megatron_pwdpo.sizing import memory_table
-    from megatron_pwdpo.validation import validate
+    from megatron_pwdpo.config.validation import validate
+    from megatron_pwdpo.model.sizing import memory_table
+    from megatron_pwdpo.platform import decisions as platform
+    from megatron_pwdpo.platform.distributed import world_from_env
 
     on = platform.PLATFORMS[args.platform] if args.platform else platform.detect()
     config = load_config(config_path, args.overrides, on=on)
@@ -134,20 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_pwdpo.convert.cli import register as register_convert_commands
 
     register_convert_commands(sub)
-    from megatron_pwdpo.experiment import register as register_experiment_commands
+    from megatron_pwdpo.evaluation.experiment import register as register_experiment_commands
 
     register_experiment_commands(sub)
-    from megatron_pwdpo.plot import register as register_plot_command
+    from megatron_pwdpo.evaluation.plot import register as register_plot_command
 
     register_plot_command(sub)
-    from megatron_pwdpo.reference_cli import register as register_reference_commands
+    from megatron_pwdpo.reference.cli import register as register_reference_commands
 
     register_reference_commands(sub)
-    from megatron_pwdpo.config_reference import register as register_config_reference
+    from megatron_pwdpo.config.docs import register as register_config_reference
 
     register_config_reference(sub)
-    from megatron_pwdpo.config_help import help_epilog
-    from megatron_pwdpo.config_help import register as register_config_command
+    from megatron_pwdpo.config.help import help_epilog
+    from megatron_pwdpo.config.help import register as register_config_command
 
     register_config_command(sub)
     epilog = help_epilog()
@@ -164,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     from megatron_pwdpo.data.schema import DataError
-    from megatron_pwdpo.resilience import (
+    from megatron_pwdpo.platform.resilience import (
         EXIT_PREEMPTED,
         REQUEUE_FILE_VAR,
         exit_now,
         write_requeue_marker,
     )
-    from megatron_pwdpo.train import Preempted
+    from megatron_pwdpo.training.loop import Preempted
 
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:

@@ -13,12 +13,12 @@ PWDPO_PYTHON=${PWDPO_PYTHON:-python3}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
 export MASTER_ADDR MASTER_PORT
-# torchrun's variables win over Slurm's in megatron_pwdpo.distributed: never inherit them.
+# torchrun's variables win over Slurm's in megatron_pwdpo.platform.distributed: never inherit them.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
 
 # --- The job's end, in epoch seconds: the run stops at the last step boundary from
 # which a step and a checkpoint still fit before it (from the step and save times it
-# measured; see megatron_pwdpo/resilience.py). Slurm >= 23.02 sets SLURM_JOB_END_TIME;
+# measured; see megatron_pwdpo/platform/resilience.py). Slurm >= 23.02 sets SLURM_JOB_END_TIME;
 # older ones are asked with squeue (empty for a job without a time limit).
 if [ -z "${PWDPO_JOB_END_TIME:-}" ]; then
   if [ -n "${SLURM_JOB_END_TIME:-}" ]; then

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_pwdpo.launch import python_command, run_group
+from megatron_pwdpo.platform.launch import python_command, run_group
 
 # A tiny model and run: 2 layers, width 64, on the shipped HH-RLHF slice.
 TINY = [
@@ -104,8 +104,8 @@ def save_initial_weights(model_args: list[str], run_dir: Path) -> Path:
 def write_reference_cache(path: Path, config, rows, tokenizer, logps) -> None:
     """A reference cache as ``precompute-ref`` writes it for ``config``, holding ``rows``
     with the given per-row ``logps`` (so a test knows every value it reads back)."""
-    from megatron_pwdpo.reference_cache import cache_fingerprint, row_digests
-    from megatron_pwdpo.reference_cli import write_cache
+    from megatron_pwdpo.reference.cache import cache_fingerprint, row_digests
+    from megatron_pwdpo.reference.cli import write_cache
 
     write_cache(
         path,

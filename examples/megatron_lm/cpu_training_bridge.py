@@ -1,7 +1,7 @@
 """Run Megatron-LM's ``megatron.training.pretrain()`` on a machine without CUDA (gloo).
 
 For tests and CPU users only: ``pretrain_pwdpo.py`` installs it when CUDA is absent, and
-on a GPU it is never imported. It extends :mod:`megatron_pwdpo.cpu_bridge` (which covers
+on a GPU it is never imported. It extends :mod:`megatron_pwdpo.platform.cpu_bridge` (which covers
 ``megatron.core``) to the CUDA assumptions of ``megatron.training`` (Megatron-LM
 ``core_v0.16.1`` and ``core_v0.19.0``), in the order ``pretrain()`` meets them:
 
@@ -11,7 +11,7 @@ on a GPU it is never imported. It extends :mod:`megatron_pwdpo.cpu_bridge` (whic
 * ``_initialize_distributed`` and ``_set_random_seed`` create the model-parallel groups
   and seed the tensor-parallel RNG tracker only when ``torch.cuda.device_count() > 0``:
   inside ``megatron.training.initialize`` the device count reads 1 (the tracker itself
-  runs on the CPU through ``megatron_pwdpo.cpu_bridge``);
+  runs on the CPU through ``megatron_pwdpo.platform.cpu_bridge``);
 * the fused kernels need nvcc (core_v0.16.1 loads them; core_v0.19.0 no longer has them)
   and the JIT warm-up draws CUDA random numbers: both skipped (the local layer spec uses
   neither);
@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from megatron_pwdpo import cpu_bridge
+from megatron_pwdpo.platform import cpu_bridge
 
 _TRAINING_MODULES = (
     "megatron.training.training",

@@ -18,13 +18,13 @@ batch sizes, steps, learning-rate schedule, optimizer, seed and intervals become
 Megatron-LM's defaults (``args_defaults``), so the command needs only the YAML and the
 launch, parallel and checkpoint flags. A Megatron-LM flag that contradicts the YAML
 stops the run with one line naming both values, as do ``--context-parallel-size`` > 1
-and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.megatron_lm.contradictions``).
+and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.integrations.megatron_lm.contradictions``).
 The parallel flags (tensor, pipeline, virtual pipeline, sequence parallel) choose the
 layout; the YAML's ``parallel`` section is only their default.
 
 KTO reads no cache: its reference (``reference.checkpoint``, else
 ``train.init_checkpoint``) is built like the policy and runs, with the KL point, in the
-forward step (``megatron_pwdpo.megatron_lm_kto``); it needs
+forward step (``megatron_pwdpo.integrations.megatron_lm_kto``); it needs
 ``--pipeline-model-parallel-size 1``.
 
 With ``dpo`` or ``ipo`` Megatron-LM's batch sizes count rows, two per pair: its
@@ -35,7 +35,7 @@ say so; another value is refused).
 the demonstrations with token-mean log-probs, as ``megatron-pwdpo train``'s SFT stage.
 
 Before Megatron-LM starts, every rank checks the YAML, the data, the cache and ``--load``
-and stops with one line per problem (see ``megatron_pwdpo.megatron_lm.unsupported``).
+and stops with one line per problem (see ``megatron_pwdpo.integrations.megatron_lm.unsupported``).
 ``--load DIR`` must hold Megatron-LM's ``latest_checkpointed_iteration.txt`` (a
 ``megatron-pwdpo train`` run's ``checkpoints`` folder does; load it with ``--finetune
 --no-load-optim --no-load-rng``); only ``--load`` equal to ``--save`` may be empty (a
@@ -62,10 +62,9 @@ from megatron.core.enums import ModelType
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.training import get_args
 
-from megatron_pwdpo import compat
 from megatron_pwdpo.config import ConfigError, load_config
 from megatron_pwdpo.data.schema import DataError
-from megatron_pwdpo.megatron_lm import (
+from megatron_pwdpo.integrations.megatron_lm import (
     STAGES,
     build_datasets,
     checkpoint_problems,
@@ -76,6 +75,7 @@ from megatron_pwdpo.megatron_lm import (
     prepare,
     with_layout,
 )
+from megatron_pwdpo.platform import compat
 
 
 def add_args(parser, *, run=None):
@@ -158,7 +158,7 @@ def _num_microbatches(training: bool) -> int:
 
 def kto_forward_step(config):
     """KTO's forward step: the reference and the KL point run in it (PP=1)."""
-    from megatron_pwdpo.megatron_lm_kto import KtoForwardStep
+    from megatron_pwdpo.integrations.megatron_lm_kto import KtoForwardStep
 
     return KtoForwardStep(
         lambda: with_layout(config, get_args()),

@@ -17,7 +17,7 @@ from megatron_pwdpo.convert.table import ConversionError
 def _in_world(timeout_s: int, fn: Callable[[], object]) -> int:
     """Run ``fn`` with Megatron's state initialised at TP=1, PP=1, on the CPU (gloo) even
     where a GPU is visible: the converters hold the model in host memory."""
-    from megatron_pwdpo import cpu_bridge, distributed
+    from megatron_pwdpo.platform import cpu_bridge, distributed
 
     distributed.init_distributed(
         tensor_parallel=1,
@@ -36,7 +36,7 @@ def _in_world(timeout_s: int, fn: Callable[[], object]) -> int:
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
     from megatron_pwdpo.convert import hf_to_mcore as h
-    from megatron_pwdpo.model import ParallelConfig
+    from megatron_pwdpo.model.build import ParallelConfig
 
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     # fail on an unsupported model or layout before Megatron starts

@@ -12,7 +12,7 @@ unpickling can run, and ``transformers`` is not needed. The output folder::
                                         and tokenizer files, for `mcore-to-hf`
 
 The checkpoint is written from the full model (TP=1, PP=1, built with this project's
-:func:`~megatron_pwdpo.model.build_model`); ``torch_dist`` reshards on load, so the
+:func:`~megatron_pwdpo.model.build.build_model`); ``torch_dist`` reshards on load, so the
 target layout only has to divide the architecture (checked up front).
 """
 
@@ -37,7 +37,7 @@ from megatron_pwdpo.convert.table import (
     recipes,
     spec_of,
 )
-from megatron_pwdpo.model import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_pwdpo.model.build import ModelConfig, ParallelConfig, padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,8 @@ def hf_to_mcore(
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_pwdpo import checkpoint
-    from megatron_pwdpo.model import build_model
+    from megatron_pwdpo.engine import checkpoint
+    from megatron_pwdpo.model.build import build_model
 
     if (
         ps.get_tensor_model_parallel_world_size() != 1

@@ -39,7 +39,7 @@ from megatron_pwdpo.convert.hf_to_mcore import (
     unfused_state,
 )
 from megatron_pwdpo.convert.table import ConversionError, hf_parts_of, recipes, spec_of
-from megatron_pwdpo.model import ModelConfig, ParallelConfig
+from megatron_pwdpo.model.build import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(iteration folder, checkpoint root)`` of a root, a run dir or an ``iter_N`` folder."""
-    from megatron_pwdpo.checkpoint import latest_checkpoint
+    from megatron_pwdpo.engine.checkpoint import latest_checkpoint
 
     path = Path(path)
     for root in (path, path / "checkpoints"):
@@ -214,7 +214,7 @@ def mcore_to_hf(
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_pwdpo.model import build_model
+    from megatron_pwdpo.model.build import build_model
 
     if (
         ps.get_tensor_model_parallel_world_size() != 1

@@ -2,7 +2,7 @@
 
 The table maps every Hugging Face tensor of a Llama-family (Llama 2/3, Mistral) or Qwen2
 decoder onto the state dict of the full (TP=1, PP=1) ``GPTModel`` that
-:func:`megatron_pwdpo.model.build_model` builds; ``torch_dist`` checkpoints then reshard
+:func:`megatron_pwdpo.model.build.build_model` builds; ``torch_dist`` checkpoints then reshard
 it to any tensor/pipeline layout on load. No arithmetic touches a value, so a round trip
 reproduces every tensor bit for bit.
 
@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from megatron_pwdpo.config import ConfigError
-from megatron_pwdpo.model import ModelConfig
+from megatron_pwdpo.model.build import ModelConfig
 
 Spec = Literal["local", "te"]
 

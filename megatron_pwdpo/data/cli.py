@@ -72,7 +72,7 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
 def _score_range(args: argparse.Namespace) -> list[float] | None:
     """``--red-team-score-range``, checked as ``data.red_team_score_range`` is."""
     from megatron_pwdpo.config import ConfigError
-    from megatron_pwdpo.validation import score_range_problem
+    from megatron_pwdpo.config.validation import score_range_problem
 
     value = args.red_team_score_range
     problem = score_range_problem(

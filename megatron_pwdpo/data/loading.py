@@ -18,7 +18,7 @@ Sources (``data.source`` in the config, ``--source`` on the command line):
 
 Pairs (HH-style sources with ``hh_mode="paired"``, ``pairwise``, QA-feedback with
 ``qa_mode="pairs"``) become two rows, ``<pair>-c`` (label 1) and ``<pair>-r`` (label 0),
-which the pairwise losses pair up again by id (`megatron_pwdpo.batches.pair_up`).
+which the pairwise losses pair up again by id (`megatron_pwdpo.engine.batches.pair_up`).
 
 Detection (``auto``) looks at the first record's fields, in this order: ``transcript``
 -> ``red-team``; ``question`` and ``prediction 1`` -> ``qa-feedback``; ``response`` and

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_pwdpo.config.load import HUB_PREFIX
 from megatron_pwdpo.data.schema import DataError, _open_binary, iter_jsonl
 
-HUB_PREFIX = "hf:"
 _BLANK = re.compile(r"\s*")
 
 

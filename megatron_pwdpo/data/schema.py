@@ -208,7 +208,7 @@ def validate_pair(obj: Any, *, path: str | os.PathLike[str], line: int, index: i
 def pair_rows(pairs: Iterable[PairwiseRow], *, demo_chosen: bool = False) -> list[PointwiseRow]:
     """Each pair as two point-wise rows: ``{id}-c`` (chosen, label 1, ``demo`` with
     ``demo_chosen``) then ``{id}-r`` (rejected, label 0); the pairwise losses pair them
-    up again by these ids (`megatron_pwdpo.batches.pair_up`)."""
+    up again by these ids (`megatron_pwdpo.engine.batches.pair_up`)."""
     chosen_kind = "demo" if demo_chosen else "feedback"
     rows: list[PointwiseRow] = []
     for pair in pairs:

@@ -65,7 +65,7 @@ def _emit(**result) -> None:
 def run_train(yaml: Path, layout: str, run_dir: Path) -> None:
     """``megatron-pwdpo train`` for one step; rank 0 reads its metrics.jsonl."""
     from megatron_pwdpo.config import load_config
-    from megatron_pwdpo.train import train
+    from megatron_pwdpo.training.loop import train
 
     tp, pp, vp = LAYOUTS[layout]
     overrides = [
@@ -105,7 +105,7 @@ def _keep_the_process_group() -> None:
     start a second default group on torchrun's store)."""
     from megatron.core import parallel_state
 
-    from megatron_pwdpo import distributed
+    from megatron_pwdpo.platform import distributed
 
     distributed.shutdown = parallel_state.destroy_model_parallel
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="folder for rank*.jsonl")
     args = parser.parse_args()
     if "RANK" not in os.environ:  # one process, started without torchrun
-        from megatron_pwdpo.distributed import _free_port
+        from megatron_pwdpo.platform.distributed import _free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())

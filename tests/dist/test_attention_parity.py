@@ -1,4 +1,4 @@
-"""``model.attention=sdpa`` (:class:`megatron_pwdpo.attention.SDPAttention`) against
+"""``model.attention=sdpa`` (:class:`megatron_pwdpo.model.attention.SDPAttention`) against
 Megatron-Core's local ``DotProductAttention`` on a real GPT model, at TP=1 and TP=2 (the
 query heads and key/value groups sharded over the ranks, 2 gloo processes).
 
@@ -24,13 +24,14 @@ SCRIPT = textwrap.dedent(
     import sys
     import torch
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron_pwdpo import cpu_bridge, distributed
-    from megatron_pwdpo.attention import SDPAttention
-    from megatron_pwdpo.batches import rank_micro_batches
+    from megatron_pwdpo.platform import cpu_bridge
+    from megatron_pwdpo.platform import distributed
+    from megatron_pwdpo.model.attention import SDPAttention
+    from megatron_pwdpo.engine.batches import rank_micro_batches
     from megatron_pwdpo.cli import DEFAULT_CONFIG
     from megatron_pwdpo.config import load_config
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.training_setup import build_chunks
+    from megatron_pwdpo.engine.setup import build_chunks
 
 
     def with_attention(config, kind):

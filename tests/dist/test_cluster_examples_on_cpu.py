@@ -17,7 +17,7 @@ import pytest
 from conftest import read_metrics, run_cli
 
 from megatron_pwdpo.config import ConfigError, load_config
-from megatron_pwdpo.platform import CPU
+from megatron_pwdpo.platform.decisions import CPU
 
 pytestmark = pytest.mark.dist
 

@@ -25,7 +25,7 @@ SCRIPT = r"""
 import inspect, sys
 from megatron.core.enums import ModelType
 import megatron.training as mt
-from megatron_pwdpo import compat
+from megatron_pwdpo.platform import compat
 
 real = mt.pretrain
 calls = []

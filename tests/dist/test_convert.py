@@ -184,7 +184,7 @@ def test_training_round_trip_loads_in_transformers_and_generates(work, tmp_path)
 
     from megatron_pwdpo.convert import ConversionError, check_model_config
     from megatron_pwdpo.convert.hf_to_mcore import model_overrides
-    from megatron_pwdpo.model import ModelConfig
+    from megatron_pwdpo.model.build import ModelConfig
 
     mc, run_dir, out = work / TRAINED / "mc", tmp_path / "run", tmp_path / "hf"
     cfg = ModelConfig(**json.loads((mc / "model_config.json").read_text()))
@@ -284,11 +284,12 @@ def _forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
 def _worker(root: Path) -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.convert.hf_to_mcore import hf_to_mcore
     from megatron_pwdpo.convert.mcore_to_hf import mcore_to_hf, read_model_config
-    from megatron_pwdpo.logprobs import model_token_logps
-    from megatron_pwdpo.model import ParallelConfig, build_model
+    from megatron_pwdpo.engine import checkpoint
+    from megatron_pwdpo.model.build import ParallelConfig, build_model
+    from megatron_pwdpo.model.logprobs import model_token_logps
+    from megatron_pwdpo.platform import cpu_bridge, distributed
 
     names = NAMES
     tokens = torch.load(root / "tokens.pt")

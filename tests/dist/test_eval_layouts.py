@@ -10,7 +10,7 @@ from conftest import TINY, run_cli
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG
 from megatron_pwdpo.config import ConfigError, load_config
-from megatron_pwdpo.evaluate import _check_checkpoints
+from megatron_pwdpo.evaluation.evaluate import _check_checkpoints
 
 pytestmark = pytest.mark.dist
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import TINY, run_cli
 
-from megatron_pwdpo.evaluate import rankdata, reward_metrics, spearman
-from megatron_pwdpo.experiment import METHODS, OFFICIAL
+from megatron_pwdpo.evaluation.evaluate import rankdata, reward_metrics, spearman
+from megatron_pwdpo.evaluation.experiment import METHODS, OFFICIAL
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "reproduce" / "tiny.yaml"
 # every kind of run and every eval group, but not every method (each is a few processes;

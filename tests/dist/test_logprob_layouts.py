@@ -23,15 +23,16 @@ SCRIPT = textwrap.dedent(
     import dataclasses
     import sys
     import torch
-    import megatron_pwdpo.model as model_module
+    import megatron_pwdpo.model.build as model_module
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron_pwdpo import cpu_bridge, distributed
-    from megatron_pwdpo.batches import rank_micro_batches
+    from megatron_pwdpo.platform import cpu_bridge
+    from megatron_pwdpo.platform import distributed
+    from megatron_pwdpo.engine.batches import rank_micro_batches
     from megatron_pwdpo.cli import DEFAULT_CONFIG
     from megatron_pwdpo.config import load_config
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.step import _next_through_model, row_logps
-    from megatron_pwdpo.training_setup import build_chunks
+    from megatron_pwdpo.engine.step import _next_through_model, row_logps
+    from megatron_pwdpo.engine.setup import build_chunks
 
 
     class ThdOnCpuAttention(DotProductAttention):

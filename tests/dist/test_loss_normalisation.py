@@ -1,6 +1,6 @@
 """Every loss: a global batch split over 2 micro-batches x 2 data-parallel ranks gives the
 same per-step loss and gradient norm as the whole batch in one micro-batch in one process
-(the global normalisation of step.py, including per-class normalisation and KTO's
+(the global normalisation of engine/step.py, including per-class normalisation and KTO's
 data-parallel KL estimate)."""
 
 import numpy as np

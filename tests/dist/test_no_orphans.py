@@ -2,7 +2,7 @@
 writing is not taken as complete.
 
 torch_dist's checkpoint writer starts a spawn-context ``Manager`` (a child process) on the
-first save; without ``megatron_pwdpo.lifetime`` it outlived a ``kill -9`` of the trainer.
+first save; without ``megatron_pwdpo.platform.lifetime`` it outlived a ``kill -9`` of the trainer.
 Descendants are found by session: the trainer starts its own session here, which every
 process it starts joins (none of them calls ``setsid``), and which survives reparenting.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, read_metrics
 
-from megatron_pwdpo.checkpoint import latest_checkpoint
+from megatron_pwdpo.engine.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.dist
 

@@ -4,7 +4,7 @@ TP=2 and PP=2; at step 1 every reward is 0 and the point-wise DPO loss is ln 2; 
 precomputed at DP=2 or PP=2 holds the same log-probs; ULMA runs no reference on
 demonstrations, and its cache (which lacks them) is refused by a run that needs them; an
 offload pass leaves the policy's weights and gradients bitwise unchanged. (Stale caches:
-tests/unit/test_reference.py.)
+tests/unit/reference/test_reference.py.)
 
 Every run starts from one saved initial checkpoint (the reference of the cache) on a
 60-pair slice of the bundled data, so that precomputing stays fast.
@@ -152,14 +152,15 @@ OFFLOAD_SCRIPT = textwrap.dedent(
     """
     import sys
     import torch
-    from megatron_pwdpo import cpu_bridge, distributed
-    from megatron_pwdpo.batches import rank_micro_batches
+    from megatron_pwdpo.platform import cpu_bridge
+    from megatron_pwdpo.platform import distributed
+    from megatron_pwdpo.engine.batches import rank_micro_batches
     from megatron_pwdpo.cli import DEFAULT_CONFIG
     from megatron_pwdpo.config import load_config
     from megatron_pwdpo.data.prepare import prepare_data
-    from megatron_pwdpo.reference import OffloadReference, ResidentReference
-    from megatron_pwdpo.step import run_logps
-    from megatron_pwdpo.training_setup import Layout, build_chunks
+    from megatron_pwdpo.reference.strategies import OffloadReference, ResidentReference
+    from megatron_pwdpo.engine.step import run_logps
+    from megatron_pwdpo.engine.setup import Layout, build_chunks
 
     def main():
         config = load_config(DEFAULT_CONFIG, sys.argv[1:])

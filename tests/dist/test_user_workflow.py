@@ -148,9 +148,10 @@ def _export_and_forward(mc: Path, run: Path, out: Path, folder: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_convert import _forward_logits
 
-    from megatron_pwdpo import checkpoint, cpu_bridge, distributed
     from megatron_pwdpo.convert.mcore_to_hf import mcore_to_hf, read_model_config
-    from megatron_pwdpo.model import ParallelConfig, build_model
+    from megatron_pwdpo.engine import checkpoint
+    from megatron_pwdpo.model.build import ParallelConfig, build_model
+    from megatron_pwdpo.platform import cpu_bridge, distributed
 
     distributed.init_distributed(
         tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=120

@@ -20,14 +20,14 @@ runs at TP=2 with sequence parallelism, with THD packing, and at DP=2.
 
 Needs CUDA (compute capability >= 8.9; ``mxfp8``: >= 10) and Transformer Engine;
 skipped otherwise (the CPU suite checks the configuration these runs build:
-``tests/unit/test_platform.py``).
+``tests/unit/platform/test_platform.py``).
 """
 
 import pytest
 import torch
 from conftest import run_cli, train_curve
 
-from megatron_pwdpo.precision import have_transformer_engine
+from megatron_pwdpo.model.precision import have_transformer_engine
 
 pytestmark = [
     pytest.mark.gpu,

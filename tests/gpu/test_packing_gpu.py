@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli, train_curve
 
-from megatron_pwdpo.precision import have_transformer_engine
+from megatron_pwdpo.model.precision import have_transformer_engine
 
 pytestmark = [
     pytest.mark.gpu,

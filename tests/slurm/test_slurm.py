@@ -30,7 +30,7 @@ import pytest
 from conftest import TINY, run_cli
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
 
-from megatron_pwdpo.reference_cache import read_cache
+from megatron_pwdpo.reference.cache import read_cache
 
 pytestmark = pytest.mark.slurm
 

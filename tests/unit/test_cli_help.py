@@ -10,8 +10,8 @@ import warnings
 import pytest
 
 from megatron_pwdpo.cli import CONFIG_COMMANDS, build_parser, main
-from megatron_pwdpo.config_help import MOST_USED, SHOW, sections, show
-from megatron_pwdpo.known_warnings import KNOWN_WARNINGS, quiet_known_warnings
+from megatron_pwdpo.config.help import MOST_USED, SHOW, sections, show
+from megatron_pwdpo.platform.known_warnings import KNOWN_WARNINGS, quiet_known_warnings
 
 
 def test_most_used_keys_are_real_options():
@@ -79,7 +79,7 @@ def test_megatron_import_warnings_show_when_the_user_sets_filters():
     """Megatron's imports do emit the known warnings, and ``-W`` (in ``sys.warnoptions``)
     keeps them: the filters step aside. (That a default run prints none of them is
     checked on a real run's output in tests/dist/test_user_workflow.py.)"""
-    quiet = "from megatron_pwdpo.known_warnings import quiet_known_warnings as q; q();"
+    quiet = "from megatron_pwdpo.platform.known_warnings import quiet_known_warnings as q; q();"
     loud = _stderr(quiet + IMPORTS, "-W", "always")
     for category, _, message in KNOWN_WARNINGS:
         if category is UserWarning:

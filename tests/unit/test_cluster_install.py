@@ -16,7 +16,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from megatron_pwdpo.cli import build_parser
-from megatron_pwdpo.config import RunConfig, _build, _merge, parse_overrides
+from megatron_pwdpo.config import RunConfig, parse_overrides
+from megatron_pwdpo.config.load import _build, _merge
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +74,7 @@ def _sbatch_cli_args(cmd: list[str]) -> tuple[str, list[str]]:
 
 def _fields(path: Path, overrides: list[str]) -> RunConfig:
     """The config file with the overrides, every key a real field (the platform checks of
-    ``load_config``'s validation are left to tests/unit/test_example_configs.py)."""
+    ``load_config``'s validation are left to tests/unit/config/test_example_configs.py)."""
     tree = _merge(yaml.safe_load(path.read_text()), parse_overrides(overrides))
     return _build(RunConfig, tree, "")
 

@@ -1,0 +1,1 @@
+"""The training run: its plan (stages, resume), the loop, metrics, and the run lock."""
