@@ -53,7 +53,8 @@ from common import (
     write_result,
     write_worker_result,
 )
-from gpu_trl import print_trl, run_trl, trl_shape, trl_worker
+from gpu_sides import trl_worker
+from gpu_trl import print_trl, run_trl, trl_shape
 
 MODELS = {
     # Llama 3.2 1B's shape (untied here, like our default)

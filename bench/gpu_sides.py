@@ -8,6 +8,7 @@ each (CUDA-synchronised) and tracking the peak memory over all of them (GPU:
 more step (``torch.profiler``, the top kernels by self device time). The first of our
 sides writes its initial weights as a Hugging Face folder through the project's
 conversion; TRL's sides load it, so both train the same weights.
+``trl_worker`` is the process ``bench/gpu.py --worker trl:SIDE[,SIDE...]`` starts for them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from common import MemoryTracker, median, session
+from common import MemoryTracker, median, session, write_worker_result
 from gpu_trl import BETA, LR, Shape, _loss, overrides, probe_rows, side_batches, side_data
 from trl_compare import hf_tokenizer, tokens_of, trl_available, trl_dataset
 
@@ -398,3 +401,18 @@ def run_side(side: str, shape: Shape, hf_dir: Path) -> dict:
     if missing:
         return {"side": side, "skipped": missing}
     return trl_side(side, shape, hf_dir)
+
+
+def trl_worker(args) -> None:
+    """``--worker trl:SIDE[,SIDE...]``: the sides one after another in this process."""
+    from dataclasses import fields
+
+    shape = Shape(**{f.name: json.loads(args.shape)[f.name] for f in fields(Shape)})
+    out = {}
+    for side in args.worker.split(":", 1)[1].split(","):
+        try:
+            out[side] = run_side(side, shape, Path(args.hf_dir))
+        except Exception as err:  # noqa: BLE001 - one side's failure is reported, not fatal
+            trace = traceback.format_exc()[-3000:]
+            out[side] = {"side": side, "error": f"{type(err).__name__}: {err}", "trace": trace}
+    write_worker_result(args.json_out, {"sides": out})

@@ -42,12 +42,11 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import global_batches, run_worker, table, write_worker_result
+from common import global_batches, run_worker, table
 
 BETA, LR = 0.1, 3e-4
 COMPARISONS = {  # in the order they run (what a short time budget leaves out comes last)
@@ -303,23 +302,6 @@ def trl_shape(args, model: list[str]) -> Shape:
         attention=attention_override(args.attention),
         packing=packing_kind(args.packing),
     )
-
-
-def trl_worker(args) -> None:
-    """``--worker trl:SIDE[,SIDE...]``: the sides one after another in this process."""
-    from dataclasses import fields
-
-    from gpu_sides import run_side
-
-    shape = Shape(**{f.name: json.loads(args.shape)[f.name] for f in fields(Shape)})
-    out = {}
-    for side in args.worker.split(":", 1)[1].split(","):
-        try:
-            out[side] = run_side(side, shape, Path(args.hf_dir))
-        except Exception as err:  # noqa: BLE001 - one side's failure is reported, not fatal
-            trace = traceback.format_exc()[-3000:]
-            out[side] = {"side": side, "error": f"{type(err).__name__}: {err}", "trace": trace}
-    write_worker_result(args.json_out, {"sides": out})
 
 
 def run_trl(args, shape, *, deadline: float) -> dict:
