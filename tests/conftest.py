@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_pwdpo.platform.launch import python_command, run_group
+from megatron_pwdpo.platform import distributed
+from megatron_pwdpo.platform.launch import free_port, python_command, run_group
 
 # A tiny model and run: 2 layers, width 64, on the shipped HH-RLHF slice.
 TINY = [
@@ -28,6 +30,28 @@ TINY = [
     "train.eval_interval=1000",
     "train.progress=false",
 ]
+
+
+@contextlib.contextmanager
+def world_of_one(*, timeout_s: int = 60):
+    """A gloo world of one process with Megatron's parallel state (TP = PP = 1) for an
+    in-process test; the environment variables it sets are the caller's again after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+        ]:
+            mp.setenv(key, value)
+        distributed.init_distributed(
+            tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=timeout_s
+        )
+        try:
+            yield
+        finally:
+            distributed.shutdown()
 
 
 @pytest.fixture

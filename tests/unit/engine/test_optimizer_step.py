@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, world_of_one
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG
 from megatron_pwdpo.config import load_config
 from megatron_pwdpo.engine.setup import build_chunks, build_optimizer, optimizer_step
-from megatron_pwdpo.platform import cpu_bridge, distributed
-from megatron_pwdpo.platform.launch import free_port
+from megatron_pwdpo.platform import cpu_bridge
 
 STEPS = 2
 
@@ -25,23 +24,8 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def mopt():
     """megatron.core.optimizer.optimizer, with a world of one initialised around the tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        # init_distributed writes these; monkeypatch puts the caller's values back after
-        for key, value in [
-            ("RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("LOCAL_RANK", "0"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),
-        ]:
-            mp.setenv(key, value)
-        distributed.init_distributed(
-            tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=60
-        )
-        try:
-            yield importlib.import_module("megatron.core.optimizer.optimizer")
-        finally:
-            distributed.shutdown()
+    with world_of_one():
+        yield importlib.import_module("megatron.core.optimizer.optimizer")
 
 
 KINDS = {  # config overrides -> the optimizer class get_megatron_optimizer chains

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import world_of_one
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -23,9 +24,8 @@ from megatron_pwdpo.model.build import (
     resolve_attention,
     transformer_config,
 )
-from megatron_pwdpo.platform import cpu_bridge, distributed
+from megatron_pwdpo.platform import cpu_bridge
 from megatron_pwdpo.platform.decisions import CPU, plan_build
-from megatron_pwdpo.platform.launch import free_port
 
 SQ, B, HEADS, GROUPS, HN = 12, 3, 4, 2, 16
 
@@ -42,23 +42,9 @@ class _Run:
 @pytest.fixture(scope="module")
 def world():
     """A gloo world of one with Megatron's parallel state (TP=1) around the tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in [
-            ("RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("LOCAL_RANK", "0"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),
-        ]:
-            mp.setenv(key, value)
-        distributed.init_distributed(
-            tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=60
-        )
+    with world_of_one():
         cpu_bridge.manual_seed(0)  # Megatron's RNG tracker (its local attention forks it)
-        try:
-            yield
-        finally:
-            distributed.shutdown()
+        yield
 
 
 def _config(**overrides):

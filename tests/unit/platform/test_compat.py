@@ -10,37 +10,22 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, world_of_one
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_pwdpo.cli import DEFAULT_CONFIG
 from megatron_pwdpo.config import load_config
 from megatron_pwdpo.model.build import build_model
-from megatron_pwdpo.platform import compat, cpu_bridge, distributed
-from megatron_pwdpo.platform.launch import free_port
+from megatron_pwdpo.platform import compat, cpu_bridge
 
 # the path each CI-tested release takes (a release between them takes the one it has)
 HOOK_BY_TESTED_RELEASE = {"0.16.1": False, "0.19.2": True}
 
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in [
-            ("RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("LOCAL_RANK", "0"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),
-        ]:
-            mp.setenv(key, value)
-        distributed.init_distributed(
-            tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=60
-        )
-        try:
-            yield
-        finally:
-            distributed.shutdown()
+def world():
+    with world_of_one():
+        yield
 
 
 def test_the_tested_releases_take_their_path():
@@ -50,7 +35,7 @@ def test_the_tested_releases_take_their_path():
     assert compat.gpt_forward_has_output_processor() is HOOK_BY_TESTED_RELEASE[release]
 
 
-def test_final_hidden_states_are_the_output_layers_input(world_of_one):
+def test_final_hidden_states_are_the_output_layers_input(world):
     config = load_config(DEFAULT_CONFIG, TINY)
     cpu_bridge.install()
     cpu_bridge.manual_seed(0)

@@ -5,9 +5,8 @@ from datetime import timedelta
 
 import pytest
 import torch
+from conftest import world_of_one
 
-from megatron_pwdpo.platform import distributed
-from megatron_pwdpo.platform.launch import free_port
 from megatron_pwdpo.platform.resilience import StopRequest
 
 
@@ -47,21 +46,10 @@ def test_job_end_comes_from_the_environment():
     assert StopRequest.job_end_from_env({}) is None
 
 
-def test_megatron_groups_get_the_configured_timeout(monkeypatch):
+def test_megatron_groups_get_the_configured_timeout():
     from megatron.core import parallel_state as ps
 
-    for key, value in [
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(free_port())),
-    ]:
-        monkeypatch.setenv(key, value)
-    distributed.init_distributed(
-        tensor_parallel=1, pipeline_parallel=1, virtual_pipeline=None, timeout_s=125
-    )
-    try:
+    with world_of_one(timeout_s=125):
         groups = {
             "tp": ps.get_tensor_model_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
@@ -72,5 +60,3 @@ def test_megatron_groups_get_the_configured_timeout(monkeypatch):
             backend = group._get_backend(torch.device("cpu"))
             # 125 s rounded up to whole minutes (Megatron's unit); the default was 30 min
             assert backend.options._timeout == timedelta(minutes=3), name
-    finally:
-        distributed.shutdown()
