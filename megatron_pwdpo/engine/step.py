@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pwdpo.config import LossConfig
+from megatron_pwdpo.losses import kto
 from megatron_pwdpo.losses import pointwise as losses
 from megatron_pwdpo.model.logprobs import (
     model_token_logps,
@@ -272,6 +273,30 @@ def reduce_metrics(
     return {
         name: (s / c if c > 0 else float("nan")) for name, (s, c) in zip(names, pairs, strict=True)
     }
+
+
+def kto_reference_point(
+    policy_logps: list[torch.Tensor],
+    ref_logps: list[torch.Tensor],
+    *,
+    dp_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """KTO's ``z_ref = max(0, mean log pi/pi_ref)`` over the mismatched rows of every
+    data-parallel rank (:mod:`megatron_pwdpo.losses.kto`): one all-reduce of ``[2]``.
+
+    Args:
+        policy_logps: this rank's ``[b]`` per-row log-probs of mismatched rows, per
+            micro-batch (under the policy).
+        ref_logps: the same under the reference.
+        dp_group: the data-parallel group (its ranks hold the rest of the global batch).
+
+    Returns:
+        A detached float32 scalar.
+    """
+    stats = kto.kl_ratio_stats(policy_logps, ref_logps)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(stats, group=dp_group)
+    return kto.reference_point(stats)
 
 
 def metric_names(objective: Objective) -> list[str]:

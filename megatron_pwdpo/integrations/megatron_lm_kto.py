@@ -14,7 +14,7 @@ the first micro-batch of each iteration:
 2. a frozen reference, built like the policy and loaded from ``reference.checkpoint``
    (else ``train.init_checkpoint``), gives every row's and every mismatched row's
    log-prob; the policy gives the mismatched rows' (no gradient);
-3. ``z_ref`` is all-reduced over the data-parallel group (``kto.kto_reference_point``),
+3. ``z_ref`` is all-reduced over the data-parallel group (``engine.step.kto_reference_point``),
    then the iteration's micro-batches go through the plain forward step one per call.
 
 The extra passes run outside Megatron's pipeline schedule, so this needs one pipeline
@@ -35,12 +35,12 @@ from megatron_pwdpo.data.tokenize import TokenizedRow, collate
 from megatron_pwdpo.engine.batches import mismatched
 from megatron_pwdpo.engine.step import (
     forward_step,
+    kto_reference_point,
     make_objective,
     megatron_grad_scale,
     row_logps,
     to_model_device,
 )
-from megatron_pwdpo.losses.kto import kto_reference_point
 from megatron_pwdpo.model.logprobs import model_token_logps
 
 KL_PREFIX = "kl_"

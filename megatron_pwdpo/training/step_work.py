@@ -28,13 +28,13 @@ from megatron_pwdpo.engine.batches import (
 from megatron_pwdpo.engine.setup import Layout, build_chunks, optimizer_step
 from megatron_pwdpo.engine.step import (
     forward_step,
+    kto_reference_point,
     make_objective,
     megatron_grad_scale,
     metric_names,
     run_logps,
     sum_reports,
 )
-from megatron_pwdpo.losses.kto import kto_reference_point
 from megatron_pwdpo.model.precision import reference_precision
 from megatron_pwdpo.platform.resilience import FaultInjector
 from megatron_pwdpo.reference.cache import skipped_rows

@@ -7,7 +7,7 @@ import torch
 from megatron_pwdpo.data.packing import pack_ffd
 from megatron_pwdpo.data.tokenize import TokenizedRow
 from megatron_pwdpo.engine.batches import global_weights, mismatched, pair_up, rank_micro_batches
-from megatron_pwdpo.losses.kto import kto_reference_point
+from megatron_pwdpo.engine.step import kto_reference_point
 
 
 def _row(i, prompt, response, label, rid=None):
