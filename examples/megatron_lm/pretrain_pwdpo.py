@@ -18,7 +18,8 @@ batch sizes, steps, learning-rate schedule, optimizer, seed and intervals become
 Megatron-LM's defaults (``args_defaults``), so the command needs only the YAML and the
 launch, parallel and checkpoint flags. A Megatron-LM flag that contradicts the YAML
 stops the run with one line naming both values, as do ``--context-parallel-size`` > 1
-and ``--calculate-per-token-loss`` (see ``megatron_pwdpo.integrations.megatron_lm.contradictions``).
+and ``--calculate-per-token-loss`` (see
+``megatron_pwdpo.integrations.megatron_lm_args.contradictions``).
 The parallel flags (tensor, pipeline, virtual pipeline, sequence parallel) choose the
 layout; the YAML's ``parallel`` section is only their default.
 
@@ -35,7 +36,8 @@ say so; another value is refused).
 the demonstrations with token-mean log-probs, as ``megatron-pwdpo train``'s SFT stage.
 
 Before Megatron-LM starts, every rank checks the YAML, the data, the cache and ``--load``
-and stops with one line per problem (see ``megatron_pwdpo.integrations.megatron_lm.unsupported``).
+and stops with one line per problem (see
+``megatron_pwdpo.integrations.megatron_lm_args.unsupported``).
 ``--load DIR`` must hold Megatron-LM's ``latest_checkpointed_iteration.txt`` (a
 ``megatron-pwdpo train`` run's ``checkpoints`` folder does; load it with ``--finetune
 --no-load-optim --no-load-rng``); only ``--load`` equal to ``--save`` may be empty (a
@@ -65,14 +67,16 @@ from megatron.training import get_args
 from megatron_pwdpo.config import ConfigError, load_config
 from megatron_pwdpo.data.schema import DataError
 from megatron_pwdpo.integrations.megatron_lm import (
-    STAGES,
     build_datasets,
-    checkpoint_problems,
-    contradictions,
     make_forward_step,
-    megatron_args,
     model_provider,
     prepare,
+)
+from megatron_pwdpo.integrations.megatron_lm_args import (
+    STAGES,
+    checkpoint_problems,
+    contradictions,
+    megatron_args,
     with_layout,
 )
 from megatron_pwdpo.platform import compat

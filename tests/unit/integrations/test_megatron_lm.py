@@ -26,14 +26,16 @@ from megatron_pwdpo.engine.step import loss_func
 from megatron_pwdpo.integrations.megatron_lm import (
     PointwiseRowDataset,
     build_datasets,
-    check_supported,
-    checkpoint_problems,
-    contradictions,
     make_forward_step,
-    megatron_args,
     model_provider,
     reference_logps,
     select_stage,
+)
+from megatron_pwdpo.integrations.megatron_lm_args import (
+    check_supported,
+    checkpoint_problems,
+    contradictions,
+    megatron_args,
     unsupported,
 )
 from megatron_pwdpo.reference.cache import cache_rows
