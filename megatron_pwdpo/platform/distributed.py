@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pwdpo.platform import decisions as platform
+from megatron_pwdpo.platform.launch import free_port
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,6 @@ def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
             int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
         )
     return WorldInfo(0, 1, 0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(
@@ -69,7 +63,7 @@ def init_distributed(
     world = world_from_env()
     if world.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(world.rank), str(world.world_size)
     os.environ["LOCAL_RANK"] = str(world.local_rank)
     backend = platform.plan_backend(platform.CPU if cpu else platform.detect())
