@@ -170,10 +170,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="folder for rank*.jsonl")
     args = parser.parse_args()
     if "RANK" not in os.environ:  # one process, started without torchrun
-        from megatron_pwdpo.platform.distributed import _free_port
+        from megatron_pwdpo.platform.launch import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     torch.distributed.init_process_group("gloo")
     _keep_the_process_group()
     global RESULTS
